@@ -1,0 +1,3 @@
+from aisemble.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""`apply`, `diff` and `delete`: change the desired state and converge to it."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import time
+from typing import TextIO
+
+import yaml
+
+from aisemble.cli.printing import error, note
+from aisemble.cli.session import Session
+from aisemble.loading import Manifests, ManifestError, load_paths
+from aisemble.model import AISemble, Phase, StackKey
+from aisemble.planning.desired import render
+from aisemble.planning.planner import plan
+from aisemble.podman.errors import PodmanUnavailable
+from aisemble.reconciler import PassReport, StepOutcome
+from aisemble.sources.store import StoreError
+
+
+class ProgressPrinter:
+    """Prints each finished step, and each stack's status when its summary changes."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.seen: dict[StackKey, str] = {}
+        self.started = time.monotonic()
+
+    def step(self, outcome: StepOutcome) -> None:
+        mark = "+" if outcome.ok else "!"
+        self._print(f"  {mark} {outcome.key}: {outcome.describe()}")
+
+    def status(self, report: PassReport) -> None:
+        status = report.status
+        if status is None:
+            return
+        waiting = [
+            f"{s.name}: {s.message}" for s in status.services if s.message and s.reason != "Updating"
+        ]
+        summary = f"{status.phase.value} {status.ready}" + (f" ({'; '.join(waiting)})" if waiting else "")
+        if self.seen.get(report.key) != summary:
+            self.seen[report.key] = summary
+            self._print(f"  {report.key}: {summary}")
+
+    def _print(self, line: str) -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+
+def load(args: argparse.Namespace) -> Manifests | None:
+    try:
+        manifests = load_paths(args.filename, recursive=args.recursive)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            error(str(problem))
+        note(f"{len(exc.problems)} problem(s) found; nothing was applied")
+        return None
+    for skipped in manifests.skipped:
+        note(str(skipped))
+    if not manifests.documents:
+        error(f"no AISemble resources found in {', '.join(args.filename)}")
+        return None
+    return manifests
+
+
+def cmd_apply(args: argparse.Namespace, session: Session) -> int:
+    manifests = load(args)
+    if manifests is None:
+        return 1
+    if args.dry_run:
+        return _dry_run(manifests, session)
+    try:
+        changes = session.store.apply(manifests.documents)
+    except StoreError as exc:
+        error(str(exc))
+        note("nothing was applied")
+        return 1
+    for change in changes:
+        print(change)
+    keys = [c.key for c in changes]
+    printer = ProgressPrinter()
+    with session.controller(progress=printer.step) as controller:
+        reports = controller.converge(keys, args.timeout, wait=args.wait, on_pass=printer.status)
+    return _summarize(keys, reports, printer, waited=args.wait, timeout=args.timeout)
+
+
+def _summarize(
+    keys: list[StackKey],
+    reports: dict[StackKey, PassReport],
+    printer: ProgressPrinter,
+    waited: bool,
+    timeout: float | None,
+) -> int:
+    elapsed = time.monotonic() - printer.started
+    code = 0
+    for key in keys:
+        report = reports.get(key)
+        status = report.status if report else None
+        if status is None:
+            error(f"{key}: another process held its lock for the whole timeout")
+            code = 1
+            continue
+        if status.phase in (Phase.READY, Phase.SUSPENDED):
+            print(f"{key}: {status.phase.value} ({status.ready} services) in {elapsed:.1f}s")
+            for endpoint in status.endpoints:
+                print(f"  {endpoint.service}: {endpoint.url}")
+        elif not waited and status.phase in (Phase.PROGRESSING, Phase.PENDING):
+            print(f"{key}: {status.phase.value} ({status.ready} services); not waiting "
+                  f"(follow with: aisemble get {key.name} -n {key.namespace})")
+        else:
+            code = 1
+            if status.phase in (Phase.DEGRADED, Phase.FAILED):
+                error(f"{key}: {status.phase.value} ({status.ready} services ready)")
+            else:
+                error(f"{key}: not ready after {timeout:.0f}s ({status.ready} services ready)")
+            for s in status.services:
+                if s.message:
+                    note(f"  {s.name}: {s.reason}: {s.message}")
+            note(f"  see: aisemble describe {key.name} -n {key.namespace}")
+    return code
+
+
+def _dry_run(manifests: Manifests, session: Session) -> int:
+    try:
+        changes = session.store.apply(manifests.documents, dry_run=True)
+    except StoreError as exc:
+        error(str(exc))
+        return 1
+    for change in changes:
+        print(f"{change} (dry run)")
+    return _print_plans([d.resource for d in manifests.documents], session, prefix="would ")[1]
+
+
+def _print_plans(resources: list[AISemble], session: Session, prefix: str) -> tuple[int, int]:
+    """Print what apply would do in podman; returns (number of actions, exit code)."""
+    try:
+        with session.driver() as driver:
+            observed = driver.observe([r.key for r in resources])
+    except PodmanUnavailable as exc:
+        note(f"podman is unreachable, so podman actions are not shown: {exc}")
+        return 0, 0
+    total = 0
+    for resource in resources:
+        p = plan(render(resource, session.store.owner), observed.stack(resource.key), observed.has_image)
+        for step in p.steps:
+            print(f"  {resource.key}: {prefix}{step.action.describe()}")
+        for service, (reason, message) in sorted(p.held.items()):
+            print(f"  {resource.key}: {service} held back: {reason}: {message}")
+        total += len(p.steps)
+    return total, 0
+
+
+def cmd_diff(args: argparse.Namespace, session: Session) -> int:
+    manifests = load(args)
+    if manifests is None:
+        return 2
+    changed = False
+    for doc in manifests.documents:
+        stored = session.store.get(doc.key)
+        old = _comparable(stored.resource) if stored and not stored.deleting else ""
+        new = _comparable(doc.resource)
+        lines = list(
+            difflib.unified_diff(
+                old.splitlines(keepends=True),
+                new.splitlines(keepends=True),
+                fromfile=f"stored/{doc.key}",
+                tofile=f"{doc.source}/{doc.key}",
+            )
+        )
+        if lines:
+            changed = True
+            sys.stdout.writelines(lines)
+    actions, _ = _print_plans([d.resource for d in manifests.documents], session, prefix="")
+    return 1 if changed or actions else 0
+
+
+def _comparable(resource: AISemble) -> str:
+    doc = resource.to_document()
+    doc.pop("status", None)
+    meta = doc.get("metadata", {})
+    for generated in ("generation", "creationTimestamp"):
+        meta.pop(generated, None)
+    for empty in ("labels", "annotations"):
+        if not meta.get(empty):
+            meta.pop(empty, None)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def cmd_delete(args: argparse.Namespace, session: Session) -> int:
+    if args.filename:
+        manifests = load(args)
+        if manifests is None:
+            return 1
+        keys = manifests.keys()
+    elif args.names:
+        keys = [StackKey(args.namespace or "default", n) for n in args.names]
+    else:
+        error("name the stacks to delete, or give -f FILE")
+        return 2
+    volumes = {k: bool(s.resource.spec.volumes) for k in keys if (s := session.store.get(k))}
+    try:
+        changes = session.store.request_delete(keys, purge_volumes=args.purge_volumes)
+    except StoreError as exc:
+        error(str(exc))
+        return 1
+    printer = ProgressPrinter()
+    with session.controller(progress=printer.step) as controller:
+        reports = controller.converge(keys, args.timeout, wait=args.wait)
+    code = 0
+    for change in changes:
+        report = reports.get(change.key)
+        if report is not None and report.forgotten:
+            print(change)
+            if volumes.get(change.key) and not args.purge_volumes:
+                note(f"  volumes of {change.key} are kept; delete with --purge-volumes to remove them")
+        else:
+            error(f"{change.key}: deletion is not finished; it continues on the next pass "
+                  "(aisemble run, or run this delete again)")
+            code = 1
+    return code

@@ -1,0 +1,171 @@
+"""`get`, `describe` and `events`: what is stored and what podman runs."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+from aisemble.cli.printing import age, dump, error, note, table
+from aisemble.cli.session import Session
+from aisemble.model import KIND, PLURAL, GROUP, StackKey
+from aisemble.podman.errors import PodmanUnavailable
+from aisemble.sources.store import StoredStack
+
+
+def _phase(stack: StoredStack) -> str:
+    if stack.deleting:
+        return "Terminating"
+    return stack.status.phase.value if stack.status else "Pending"
+
+
+def _selected(args: argparse.Namespace, session: Session) -> list[StoredStack] | None:
+    namespace = None if args.all_namespaces else args.namespace
+    if args.name:
+        ns = namespace or "default"
+        stack = session.store.get(StackKey(ns, args.name))
+        if stack is None:
+            error(f'aisemble "{args.name}" not found in namespace "{ns}"')
+            known = session.store.list()
+            if known:
+                note("known stacks: " + ", ".join(str(s.key) for s in known))
+            return None
+        return [stack]
+    return session.store.list(namespace=namespace)
+
+
+def cmd_get(args: argparse.Namespace, session: Session) -> int:
+    stacks = _selected(args, session)
+    if stacks is None:
+        return 1
+    fmt = args.output
+    if fmt in ("yaml", "json"):
+        docs = [s.with_status().to_document() for s in stacks]
+        if args.name:
+            dump(docs[0], fmt)
+        else:
+            dump({"apiVersion": "v1", "kind": "List", "items": docs}, fmt)
+        return 0
+    if fmt == "name":
+        for s in stacks:
+            print(f"{KIND.lower()}.{GROUP}/{s.key.name}")
+        return 0
+    if not stacks:
+        note("No resources found.")
+        return 0
+    now = datetime.now(UTC)
+    headers = ["NAME", "NAMESPACE", "PHASE", "READY", "AGE"]
+    rows = []
+    for s in stacks:
+        ready = s.status.ready if s.status else f"0/{len(s.resource.spec.services)}"
+        row = [s.key.name, s.key.namespace, _phase(s), ready, age(s.created, now)]
+        if fmt == "wide":
+            endpoint = s.status.endpoints[0].url if s.status and s.status.endpoints else ""
+            row += [s.generation, s.source, endpoint]
+        rows.append(row)
+    if fmt == "wide":
+        headers += ["GENERATION", "SOURCE", "ENDPOINT"]
+    table(headers, rows)
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace, session: Session) -> int:
+    if not args.name:
+        error(f"describe needs a name: aisemble describe NAME (see: aisemble get {PLURAL})")
+        return 2
+    stacks = _selected(args, session)
+    if stacks is None:
+        return 1
+    stack = stacks[0]
+    now = datetime.now(UTC)
+    status = stack.status
+    meta = stack.resource.metadata
+    observed_gen = status.observedGeneration if status else None
+    print(f"Name:         {stack.key.name}")
+    print(f"Namespace:    {stack.key.namespace}")
+    if meta.labels:
+        print("Labels:       " + ", ".join(f"{k}={v}" for k, v in meta.labels.items()))
+    print(f"Source:       {stack.source}")
+    print(f"Generation:   {stack.generation} (observed: {observed_gen or '-'})")
+    print(f"Created:      {stack.created.isoformat()} ({age(stack.created, now)} ago)")
+    print(f"Phase:        {_phase(stack)}" + (f" ({status.ready} services ready)" if status else ""))
+    if stack.resource.spec.suspend:
+        print("Suspended:    true (nothing is changed or repaired)")
+    if status and status.endpoints:
+        print("Endpoints:")
+        table(
+            ["  SERVICE", "URL", "READY"],
+            [[f"  {e.service}", e.url, "yes" if e.ready else "no"] for e in status.endpoints],
+        )
+    print("Services:")
+    by_name = {s.name: s for s in (status.services if status else [])}
+    rows = []
+    for svc in stack.resource.spec.services:
+        st = by_name.get(svc.name)
+        ready = f"{st.readyReplicas}/{st.desiredReplicas}" if st else f"0/{svc.replicas}"
+        message = f"{st.reason}: {st.message}" if st and st.message else ""
+        rows.append([f"  {svc.name}", ready, svc.image, ", ".join(svc.dependsOn) or "-", message])
+    table(["  NAME", "READY", "IMAGE", "DEPENDS ON", "MESSAGE"], rows)
+    _describe_pods(stack, session, now)
+    if status and status.conditions:
+        print("Conditions:")
+        table(
+            ["  TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"],
+            [
+                [f"  {c.type}", c.status, c.reason, age(c.lastTransitionTime, now), c.message]
+                for c in status.conditions
+            ],
+        )
+    _print_events(session, stack.key, limit=args.events, now=now, indent="  ")
+    return 0
+
+
+def _describe_pods(stack: StoredStack, session: Session, now: datetime) -> None:
+    try:
+        with session.driver() as driver:
+            observed = driver.observe([stack.key]).stack(stack.key)
+    except PodmanUnavailable as exc:
+        print(f"Pods:         (podman unreachable: {exc})")
+        return
+    print(f"Network:      {observed.network or '(none)'}")
+    if observed.volumes:
+        print("Volumes:      " + ", ".join(observed.volumes))
+    if not observed.pods:
+        print("Pods:         (none)")
+        return
+    print("Pods:")
+    rows = []
+    for pod in observed.pods:
+        main = pod.main
+        state = main.state if main else "container missing"
+        if main and main.state == "exited":
+            state += f" (code {main.exit_code})"
+        started = age(main.started_at, now) if main and main.started_at else "-"
+        ports = ", ".join(f"{ip}:{port}/{proto}" for ip, port, proto in pod.host_ports) or "-"
+        rows.append([f"  {pod.name}", pod.service or "?", state, started, ports])
+    table(["  NAME", "SERVICE", "STATE", "STARTED", "HOST PORTS"], rows)
+
+
+def _print_events(
+    session: Session, key: StackKey | None, limit: int, now: datetime, indent: str = ""
+) -> None:
+    events = session.store.events(key, limit=limit)
+    if indent:
+        print("Events:" + ("" if events else "       <none>"))
+    if not events:
+        if not indent:
+            note("No events found.")
+        return
+    headers = [f"{indent}AGE", "TYPE", "REASON"] + ([] if key else ["STACK"]) + ["MESSAGE"]
+    rows = [
+        [f"{indent}{age(e.time, now)}", e.type, e.reason]
+        + ([] if key else [str(e.key)])
+        + [e.message]
+        for e in events
+    ]
+    table(headers, rows)
+
+
+def cmd_events(args: argparse.Namespace, session: Session) -> int:
+    key = StackKey(args.namespace or "default", args.name) if args.name else None
+    _print_events(session, key, limit=args.limit, now=datetime.now(UTC))
+    return 0

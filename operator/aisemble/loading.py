@@ -1,0 +1,358 @@
+"""Read AISemble resources from YAML with errors that point at the exact spot.
+
+Files hold one or more YAML documents, the format `kubectl apply -f` and
+`podman kube play` take. Documents of other kinds (Pod, Deployment, ...) are
+skipped and reported, so one file can serve both tools. Every problem in the
+input is collected and reported at once, naming the file, the document, the
+field path and the line, so a user fixes everything in one go; a caller
+applies nothing unless the whole input is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from aisemble.model import API_VERSION, GROUP, KIND, AISemble, SpecError, StackKey
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, located as precisely as the input allows."""
+
+    source: str
+    message: str
+    document: int | None = None
+    resource: str | None = None
+    path: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = [self.source]
+        if self.document is not None:
+            doc = f"document {self.document}"
+            if self.resource:
+                doc += f" ({self.resource})"
+            where.append(doc)
+        if self.path:
+            where.append(self.path)
+        text = ": ".join(where)
+        if self.line is not None:
+            text += f" (line {self.line}" + (f", column {self.column})" if self.column else ")")
+        return f"{text}: {self.message}"
+
+
+class ManifestError(Exception):
+    """The input is invalid; `problems` lists every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Document:
+    """A valid AISemble found in the input, with where it came from."""
+
+    source: str
+    index: int
+    line: int
+    resource: AISemble
+
+    @property
+    def key(self) -> StackKey:
+        return self.resource.key
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A document of a kind AI-semble does not manage."""
+
+    source: str
+    index: int
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: document {self.index}: skipped {self.kind} {self.name!r} (not an {KIND})"
+
+
+@dataclass
+class Manifests:
+    documents: list[Document] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def keys(self) -> list[StackKey]:
+        return [d.key for d in self.documents]
+
+
+def load_paths(paths: Iterable[str | Path], recursive: bool = False) -> Manifests:
+    """Load every YAML file named (directories: their *.yaml/*.yml files, sorted)."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for raw in paths:
+        path = Path(raw)
+        if str(raw) == "-":
+            files.append(path)
+        elif path.is_dir():
+            files.extend(yaml_files(path, recursive))
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(Problem(str(raw), "no such file or directory"))
+    texts: list[tuple[str, str]] = []
+    for path in files:
+        if str(path) == "-":
+            import sys
+
+            texts.append(("<stdin>", sys.stdin.read()))
+            continue
+        try:
+            texts.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(str(path), f"cannot read: {exc}"))
+    return _load_all(texts, problems)
+
+
+def load_text(text: str, source: str = "<input>") -> Manifests:
+    return _load_all([(source, text)], [])
+
+
+def yaml_files(directory: Path, recursive: bool = False) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p
+        for p in directory.glob(pattern)
+        if p.is_file() and p.suffix in YAML_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _load_all(texts: list[tuple[str, str]], problems: list[Problem]) -> Manifests:
+    result = Manifests()
+    for source, text in texts:
+        _load_one(source, text, result, problems)
+    seen: dict[StackKey, Document] = {}
+    for doc in result.documents:
+        if doc.key in seen:
+            first = seen[doc.key]
+            problems.append(
+                Problem(
+                    doc.source,
+                    f"{KIND} {doc.key} is declared twice; first at {first.source} "
+                    f"document {first.index} (line {first.line})",
+                    document=doc.index,
+                    line=doc.line,
+                )
+            )
+        seen.setdefault(doc.key, doc)
+    if problems:
+        raise ManifestError(problems)
+    return result
+
+
+def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]) -> None:
+    for index, node, data, error in _documents(source, text):
+        if error is not None:
+            problems.append(error)
+            continue
+        if data is None:
+            continue
+        line = node.start_mark.line + 1
+        if not isinstance(data, dict):
+            problems.append(
+                Problem(source, "a document must be a mapping with apiVersion and kind",
+                        document=index, line=line)
+            )
+            continue
+        problems.extend(_duplicate_keys(node, source, index))
+        kind, api_version = data.get("kind"), data.get("apiVersion")
+        name = (data.get("metadata") or {}).get("name", "?") if isinstance(
+            data.get("metadata"), dict | None) else "?"
+        if not kind or not api_version:
+            missing = "kind" if not kind else "apiVersion"
+            problems.append(
+                Problem(source, f"missing {missing}: every document needs apiVersion and kind",
+                        document=index, line=line)
+            )
+            continue
+        if kind != KIND:
+            result.skipped.append(Skipped(source, index, str(kind), str(name)))
+            continue
+        if api_version != API_VERSION:
+            if str(api_version).startswith(GROUP + "/"):
+                message = f"apiVersion {api_version} is not served; use {API_VERSION}"
+            else:
+                message = f"kind {KIND} belongs to {API_VERSION}, not {api_version}"
+            problems.append(
+                Problem(source, message, document=index, resource=f"{KIND} {name}",
+                        path="apiVersion", line=_line_of(node, ("apiVersion",)))
+            )
+            continue
+        try:
+            resource = AISemble.model_validate(data)
+        except pydantic.ValidationError as exc:
+            problems.extend(_explain(exc, node, source, index, f"{KIND} {name}"))
+            continue
+        result.documents.append(Document(source, index, line, resource))
+
+
+def _documents(source: str, text: str) -> Iterator[tuple[int, Any, Any, Problem | None]]:
+    loader = yaml.SafeLoader(text)
+    index = 0
+    try:
+        while True:
+            try:
+                if not loader.check_node():
+                    return
+                index += 1
+                node = loader.get_node()
+                data = loader.construct_document(node)
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                yield index or 1, None, None, Problem(
+                    source,
+                    f"invalid YAML: {exc.problem or exc}",
+                    document=index or 1,
+                    line=mark.line + 1 if mark else None,
+                    column=mark.column + 1 if mark else None,
+                )
+                return
+            except yaml.YAMLError as exc:
+                yield index or 1, None, None, Problem(source, f"invalid YAML: {exc}", document=index)
+                return
+            yield index, node, data, None
+    finally:
+        loader.dispose()
+
+
+def _duplicate_keys(node: Any, source: str, index: int, path: str = "") -> list[Problem]:
+    """PyYAML keeps the last of two equal keys silently; a typo then hides a field."""
+    found: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            child = f"{path}.{name}" if path else name
+            if name in seen:
+                found.append(
+                    Problem(source, f"duplicate key {name!r}", document=index, path=child,
+                            line=key.start_mark.line + 1)
+                )
+            seen.add(name)
+            found.extend(_duplicate_keys(value, source, index, child))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found.extend(_duplicate_keys(item, source, index, f"{path}[{i}]"))
+    return found
+
+
+def _explain(
+    exc: pydantic.ValidationError, node: Any, source: str, index: int, resource: str
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        message = _message(error, loc)
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecError):
+            loc = loc + _parse_path(cause.path)
+            message = cause.message
+        line, column = _position(node, loc)
+        problems.append(
+            Problem(source, message, document=index, resource=resource,
+                    path=format_path(loc), line=line, column=column)
+        )
+    return problems
+
+
+def _message(error: dict[str, Any], loc: tuple) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = _known_fields(loc[:-1])
+        text = f"unknown field {loc[-1]!r}"
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            text += f"; did you mean {close[0]!r}?"
+        elif known:
+            text += f"; known fields: {', '.join(known)}"
+        return text
+    if kind == "missing":
+        return "required field is missing"
+    message = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    """Field names of the model found by following `loc` from the resource."""
+    model: Any = AISemble
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return []
+        model = _inner_model(info.annotation)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _parse_path(path: str) -> tuple:
+    return tuple(int(idx) if idx else name for name, idx in _PATH_PART.findall(path))
+
+
+def format_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _position(node: Any, loc: tuple) -> tuple[int | None, int | None]:
+    """Line and column of the deepest node `loc` reaches (1-based)."""
+    mark = node.start_mark
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    mark, node = key.start_mark, value
+                    break
+            else:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            break
+    return mark.line + 1, mark.column + 1
+
+
+def _line_of(node: Any, loc: tuple) -> int | None:
+    return _position(node, loc)[0]

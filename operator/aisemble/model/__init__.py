@@ -1,0 +1,49 @@
+"""The AISemble API, version v1alpha1: pydantic models and nothing else (no I/O)."""
+
+from aisemble.model.meta import ObjectMeta
+from aisemble.model.resource import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SINGULAR,
+    VERSION,
+    AISemble,
+    StackKey,
+)
+from aisemble.model.spec import (
+    AISembleSpec,
+    EnvVar,
+    Expose,
+    Resources,
+    Service,
+    SpecError,
+    Volume,
+    VolumeMount,
+)
+from aisemble.model.status import AISembleStatus, Condition, Endpoint, Phase, ServiceStatus
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SINGULAR",
+    "VERSION",
+    "AISemble",
+    "AISembleSpec",
+    "AISembleStatus",
+    "Condition",
+    "Endpoint",
+    "EnvVar",
+    "Expose",
+    "ObjectMeta",
+    "Phase",
+    "Resources",
+    "Service",
+    "ServiceStatus",
+    "SpecError",
+    "StackKey",
+    "Volume",
+    "VolumeMount",
+]

@@ -1,0 +1,322 @@
+"""The desired state of an AI stack: what a user writes under `spec:`.
+
+These models are the single source of truth for the resource's shape: the CRD
+in `crds/` is generated from them and the documentation quotes their field
+descriptions. Validation that needs only the spec itself (unique names,
+references between fields, cycles) lives here; validation across stacks (host
+ports) lives where all stacks are known, in the store.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aisemble.model.quantity import parse_cpu, parse_memory
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+# Lists keyed by a field merge item by item under server-side apply.
+LIST_MAP_BY_NAME = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+
+
+class StrictModel(BaseModel):
+    """A model that rejects fields it does not know, so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class EnvVar(StrictModel):
+    """One environment variable given to a service's container."""
+
+    name: str = Field(pattern=ENV_NAME, description="Name of the variable.")
+    value: str = Field("", description="Value of the variable; empty when omitted.")
+
+
+class VolumeMount(StrictModel):
+    """Where a declared volume appears inside a service's container."""
+
+    volume: DnsLabel = Field(description="Name of a volume declared in `spec.volumes`.")
+    mountPath: str = Field(
+        pattern=r"^/", description="Absolute path inside the container where the volume appears."
+    )
+    readOnly: bool = Field(False, description="Mount the volume read-only.")
+
+
+class Resources(StrictModel):
+    """Compute resources a service's container is limited to."""
+
+    cpus: str | None = Field(
+        None,
+        description="CPU limit as a Kubernetes quantity: `2`, `1.5` or `500m` (millicores).",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    memory: str | None = Field(
+        None,
+        description="Memory limit as a Kubernetes quantity: `512Mi`, `8Gi`, `1G` or bytes.",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        description="Number of GPUs the service needs. Devices are assigned through CDI.",
+    )
+
+    @field_validator("cpus", "memory", mode="before")
+    @classmethod
+    def _numbers_are_quantities(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be a quantity such as 2, 500m or 512Mi, not a boolean")
+        if isinstance(value, int | float):
+            return repr(value) if isinstance(value, float) else str(value)
+        return value
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cpu(value)
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_memory(value)
+        return value
+
+
+class Service(StrictModel):
+    """One service of the stack. Each replica runs as its own pod on the stack's network."""
+
+    name: DnsLabel = Field(
+        description="Name of the service, unique in the stack. Other services reach it by this "
+        "name over DNS: `http://<name>:<port>`."
+    )
+    image: str = Field(
+        min_length=1, description="Container image, e.g. `localhost/aisemble/gateway:latest`."
+    )
+    command: list[str] | None = Field(
+        None, description="Replaces the image's entrypoint, like a Kubernetes container command."
+    )
+    args: list[str] | None = Field(
+        None, description="Replaces the image's default arguments (CMD)."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Environment variables.")
+    port: Port | None = Field(
+        None, description="The port the service listens on inside its pod."
+    )
+    replicas: int = Field(1, ge=0, le=64, description="Number of pods to run for this service.")
+    resources: Resources = Field(
+        default_factory=Resources, description="CPU, memory and GPU limits."
+    )
+    volumeMounts: list[VolumeMount] = Field(
+        default_factory=list, description="Volumes of the stack mounted into this service."
+    )
+    dependsOn: list[DnsLabel] = Field(
+        default_factory=list,
+        description="Names of services that must be running before this one is started.",
+    )
+    terminationGracePeriodSeconds: int = Field(
+        10,
+        ge=0,
+        le=3600,
+        description="Seconds a stopping container is given after SIGTERM before it is killed.",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, env: list[EnvVar]) -> list[EnvVar]:
+        _reject_duplicates([e.name for e in env], "env var")
+        return env
+
+    @field_validator("volumeMounts")
+    @classmethod
+    def _unique_mount_paths(cls, mounts: list[VolumeMount]) -> list[VolumeMount]:
+        _reject_duplicates([m.mountPath for m in mounts], "mountPath")
+        return mounts
+
+
+class Volume(StrictModel):
+    """A named podman volume owned by the stack. Kept when the stack is deleted unless purged."""
+
+    name: DnsLabel = Field(description="Name of the volume, unique in the stack.")
+
+
+class Expose(StrictModel):
+    """A service port published on the host. Ports not listed here never reach the host."""
+
+    service: DnsLabel = Field(description="Name of the service whose port is published.")
+    port: Port | None = Field(
+        None, description="Port inside the service's pod; defaults to the service's `port`."
+    )
+    hostPort: Port = Field(description="Port on the host.")
+    hostIP: str = Field(
+        "127.0.0.1",
+        description="Host address to bind. The default keeps the port private to this machine; "
+        "`0.0.0.0` publishes it on every interface.",
+    )
+    protocol: Literal["tcp", "udp"] = Field("tcp", description="Transport protocol.")
+
+    @field_validator("hostIP")
+    @classmethod
+    def _is_ip(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+
+class AISembleSpec(StrictModel):
+    """The whole stack: services, their volumes and which ports reach the host."""
+
+    services: list[Service] = Field(
+        min_length=1,
+        description="The services of the stack, each with a unique name.",
+        json_schema_extra=LIST_MAP_BY_NAME,
+    )
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        description="Named volumes the services may mount.",
+        json_schema_extra=LIST_MAP_BY_NAME,
+    )
+    expose: list[Expose] = Field(
+        default_factory=list, description="Service ports published on the host."
+    )
+    suspend: bool = Field(
+        False,
+        description="Stop reconciling the stack without deleting anything: what runs keeps "
+        "running, nothing is repaired or changed until this is false again.",
+    )
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> AISembleSpec:
+        names = [s.name for s in self.services]
+        _reject_duplicates(names, "service name", path="services")
+        _reject_duplicates([v.name for v in self.volumes], "volume name", path="volumes")
+        by_name = {s.name: s for s in self.services}
+        volumes = {v.name for v in self.volumes}
+        for i, svc in enumerate(self.services):
+            for j, dep in enumerate(svc.dependsOn):
+                if dep not in by_name:
+                    raise SpecError(
+                        f"services[{i}].dependsOn[{j}]",
+                        f"unknown service {dep!r}; the stack has: {', '.join(names)}",
+                    )
+                if dep == svc.name:
+                    raise SpecError(f"services[{i}].dependsOn[{j}]", "a service cannot depend on itself")
+            for j, mount in enumerate(svc.volumeMounts):
+                if mount.volume not in volumes:
+                    known = ", ".join(sorted(volumes)) or "none declared"
+                    raise SpecError(
+                        f"services[{i}].volumeMounts[{j}].volume",
+                        f"unknown volume {mount.volume!r}; spec.volumes has: {known}",
+                    )
+        cycle = find_cycle({s.name: s.dependsOn for s in self.services})
+        if cycle:
+            i = names.index(cycle[0])
+            raise SpecError(f"services[{i}].dependsOn", "dependency cycle: " + " -> ".join(cycle))
+        seen_host: dict[tuple[str, int, str], int] = {}
+        for i, exp in enumerate(self.expose):
+            svc = by_name.get(exp.service)
+            if svc is None:
+                raise SpecError(f"expose[{i}].service", f"unknown service {exp.service!r}")
+            if exp.port is None and svc.port is None:
+                raise SpecError(
+                    f"expose[{i}].port", f"service {svc.name!r} has no port; set expose.port"
+                )
+            if svc.replicas > 1:
+                raise SpecError(
+                    f"expose[{i}].service",
+                    f"service {svc.name!r} has {svc.replicas} replicas, but a host port can be "
+                    "bound by one pod only; expose a single-replica gateway in front of it",
+                )
+            for other in seen_host:
+                if host_ports_clash(other, (exp.hostIP, exp.hostPort, exp.protocol)):
+                    raise SpecError(
+                        f"expose[{i}].hostPort",
+                        f"host port {exp.hostPort}/{exp.protocol} is already used by "
+                        f"expose[{seen_host[other]}]",
+                    )
+            seen_host[(exp.hostIP, exp.hostPort, exp.protocol)] = i
+        return self
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def host_ports(self) -> list[tuple[str, int, str]]:
+        return [(e.hostIP, e.hostPort, e.protocol) for e in self.expose]
+
+
+class SpecError(ValueError):
+    """A spec-level validation error that knows which field (relative to spec) is wrong."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def host_ports_clash(a: tuple[str, int, str], b: tuple[str, int, str]) -> bool:
+    """Two host bindings clash when port and protocol match and either binds every address."""
+    wildcard = {"0.0.0.0", "::"}
+    return a[1:] == b[1:] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """Return one dependency cycle as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _reject_duplicates(values: list[str], what: str, path: str | None = None) -> None:
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if value in seen:
+            message = f"duplicate {what} {value!r} (also at index {seen[value]})"
+            if path:
+                raise SpecError(f"{path}[{i}]", message)
+            raise ValueError(message)
+        seen[value] = i
+
+
+__all__ = [
+    "AISembleSpec",
+    "EnvVar",
+    "Expose",
+    "Resources",
+    "Service",
+    "SpecError",
+    "Volume",
+    "VolumeMount",
+    "find_cycle",
+    "host_ports_clash",
+]

@@ -1,0 +1,196 @@
+"""Render an AISemble into the podman objects it asks for, each with a spec hash.
+
+A `PodTemplate` is everything the driver needs to create one replica, in plain
+values. Its hash covers exactly what would make podman run something
+different, so a changed spec recreates only the services whose hash changed,
+and scaling a service leaves its existing replicas alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from aisemble.model import AISemble, Service, StackKey
+from aisemble.model.quantity import parse_cpu, parse_memory
+from aisemble.planning import naming
+
+
+@dataclass(frozen=True)
+class PortBinding:
+    host_ip: str
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+
+    @property
+    def host(self) -> tuple[str, int, str]:
+        return (self.host_ip, self.host_port, self.protocol)
+
+
+@dataclass(frozen=True)
+class Mount:
+    volume: str  # the podman volume's name
+    path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    """One replica of one service, as podman will be asked to run it."""
+
+    stack: StackKey
+    service: str
+    replica: int
+    spec_hash: str
+    pod_name: str
+    container_name: str
+    hostname: str
+    network: str
+    aliases: tuple[str, ...]
+    image: str
+    command: tuple[str, ...] | None
+    args: tuple[str, ...] | None
+    env: tuple[tuple[str, str], ...]
+    ports: tuple[PortBinding, ...]
+    mounts: tuple[Mount, ...]
+    nano_cpus: int | None
+    memory_bytes: int | None
+    stop_timeout: int
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class DesiredStack:
+    """Everything one stack asks podman for."""
+
+    key: StackKey
+    generation: int
+    network: str
+    volumes: tuple[str, ...]
+    pods: tuple[PodTemplate, ...]
+    order: tuple[str, ...]  # service names, dependencies first
+    depends_on: dict[str, tuple[str, ...]]
+    images: dict[str, str]  # service -> image
+    replicas: dict[str, int]
+    suspend: bool
+    labels: dict[str, str]
+
+    def templates(self, service: str) -> list[PodTemplate]:
+        return [p for p in self.pods if p.service == service]
+
+
+def render(resource: AISemble, owner: str) -> DesiredStack:
+    key = resource.key
+    spec = resource.spec
+    network = naming.network_name(key)
+    base_labels = naming.stack_labels(owner, key)
+    pods: list[PodTemplate] = []
+    order = service_order(resource)
+    for name in order:
+        service = spec.service(name)
+        bindings = tuple(
+            PortBinding(e.hostIP, e.hostPort, e.port or service.port or 0, e.protocol)
+            for e in spec.expose
+            if e.service == name
+        )
+        mounts = tuple(
+            Mount(naming.volume_name(key, m.volume), m.mountPath, m.readOnly)
+            for m in service.volumeMounts
+        )
+        spec_hash = _hash(key, service, network, bindings, mounts)
+        for replica in range(service.replicas):
+            pod = naming.pod_name(key, name, replica, spec_hash)
+            labels = {
+                **base_labels,
+                naming.SERVICE: name,
+                naming.REPLICA: str(replica),
+                naming.SPEC_HASH: spec_hash,
+            }
+            pods.append(
+                PodTemplate(
+                    stack=key,
+                    service=name,
+                    replica=replica,
+                    spec_hash=spec_hash,
+                    pod_name=pod,
+                    container_name=naming.container_name(pod),
+                    hostname=f"{name}-{replica}",
+                    network=network,
+                    aliases=(name, f"{name}-{replica}"),
+                    image=service.image,
+                    command=tuple(service.command) if service.command is not None else None,
+                    args=tuple(service.args) if service.args is not None else None,
+                    env=tuple((e.name, e.value) for e in service.env),
+                    ports=bindings,
+                    mounts=mounts,
+                    nano_cpus=parse_cpu(service.resources.cpus) if service.resources.cpus else None,
+                    memory_bytes=(
+                        parse_memory(service.resources.memory) if service.resources.memory else None
+                    ),
+                    stop_timeout=service.terminationGracePeriodSeconds,
+                    labels=tuple(sorted(labels.items())),
+                )
+            )
+    return DesiredStack(
+        key=key,
+        generation=resource.metadata.generation or 1,
+        network=network,
+        volumes=tuple(naming.volume_name(key, v.name) for v in spec.volumes),
+        pods=tuple(pods),
+        order=tuple(order),
+        depends_on={s.name: tuple(s.dependsOn) for s in spec.services},
+        images={s.name: s.image for s in spec.services},
+        replicas={s.name: s.replicas for s in spec.services},
+        suspend=spec.suspend,
+        labels=base_labels,
+    )
+
+
+def service_order(resource: AISemble) -> list[str]:
+    """Services with every dependency before its dependents; ties keep spec order."""
+    services = resource.spec.services
+    position = {s.name: i for i, s in enumerate(services)}
+    done: list[str] = []
+    placed: set[str] = set()
+
+    def place(service: Service) -> None:
+        if service.name in placed:
+            return
+        placed.add(service.name)
+        for dep in sorted(service.dependsOn, key=position.__getitem__):
+            place(resource.spec.service(dep))
+        done.append(service.name)
+
+    for service in services:
+        place(service)
+    return done
+
+
+def _hash(
+    key: StackKey,
+    service: Service,
+    network: str,
+    bindings: tuple[PortBinding, ...],
+    mounts: tuple[Mount, ...],
+) -> str:
+    relevant = {
+        "stack": list(key),
+        "network": network,
+        "service": service.model_dump(
+            mode="json",
+            exclude={"replicas", "dependsOn", "volumeMounts"},
+            # Fields left at their default do not count, so a release that adds a
+            # field does not recreate every running service.
+            exclude_defaults=True,
+        ),
+        "ports": [asdict(b) for b in bindings],
+        "mounts": [asdict(m) for m in mounts],
+    }
+    text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,53 @@
+"""Names and labels of the podman objects AI-semble creates.
+
+Labels, not names, say what an object is: every object carries the owner
+(the state store's id), the stack's namespace and name, and for pods the
+service, replica and the hash of the spec it was made from. Objects without
+the owner label are never looked at, let alone touched.
+"""
+
+from __future__ import annotations
+
+from aisemble.model import StackKey
+
+PREFIX = "aisemble.io/"
+MANAGED_BY = PREFIX + "managed-by"
+OWNER = PREFIX + "owner"
+NAMESPACE = PREFIX + "namespace"
+STACK = PREFIX + "stack"
+SERVICE = PREFIX + "service"
+REPLICA = PREFIX + "replica"
+SPEC_HASH = PREFIX + "spec-hash"
+ROLE = PREFIX + "role"
+
+MANAGER = "aisemble"
+
+
+def stack_labels(owner: str, key: StackKey) -> dict[str, str]:
+    return {MANAGED_BY: MANAGER, OWNER: owner, NAMESPACE: key.namespace, STACK: key.name}
+
+
+def network_name(key: StackKey) -> str:
+    # '_' cannot occur in namespace or stack names (DNS labels), so names never collide.
+    return f"aisemble_{key.namespace}_{key.name}"
+
+
+def volume_name(key: StackKey, volume: str) -> str:
+    return f"aisemble_{key.namespace}_{key.name}_{volume}"
+
+
+def pod_name(key: StackKey, service: str, replica: int, spec_hash: str) -> str:
+    # The hash (which covers namespace, stack and service) keeps names unique even where
+    # dashes make `stack-service` ambiguous, and lets a new revision sit beside the old.
+    return f"{key.name}-{service}-{spec_hash[:5]}-{replica}"
+
+
+def container_name(pod: str) -> str:
+    return f"{pod}-main"
+
+
+def key_of(labels: dict[str, str]) -> StackKey | None:
+    namespace, name = labels.get(NAMESPACE), labels.get(STACK)
+    if not namespace or not name:
+        return None
+    return StackKey(namespace, name)

@@ -1,0 +1,122 @@
+"""What podman reported, as frozen values: the planner's and the status's only view of the world."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from aisemble.model import StackKey
+from aisemble.planning import naming
+from aisemble.planning.images import is_present
+
+RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class ObservedContainer:
+    id: str
+    name: str
+    state: str  # created, running, exited, stopped, paused, ...
+    exit_code: int = 0
+    image: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    started_at: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str = ""
+    main: ObservedContainer | None = None  # the service's container; None when it is gone
+    host_ports: tuple[tuple[str, int, str], ...] = ()
+    created: datetime | None = None
+
+    @property
+    def service(self) -> str | None:
+        return self.labels.get(naming.SERVICE)
+
+    @property
+    def replica(self) -> int | None:
+        try:
+            return int(self.labels.get(naming.REPLICA, ""))
+        except ValueError:
+            return None
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.labels.get(naming.SPEC_HASH)
+
+    @property
+    def running(self) -> bool:
+        return self.main is not None and self.main.running
+
+
+@dataclass(frozen=True)
+class ObservedStack:
+    key: StackKey
+    pods: tuple[ObservedPod, ...] = ()
+    network: str | None = None
+    volumes: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.pods and self.network is None and not self.volumes
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One snapshot of everything AI-semble owns on the host, taken in a few list calls."""
+
+    stacks: dict[StackKey, ObservedStack] = field(default_factory=dict)
+    images: frozenset[str] = frozenset()
+
+    def stack(self, key: StackKey) -> ObservedStack:
+        return self.stacks.get(key) or ObservedStack(key)
+
+    def has_image(self, reference: str) -> bool:
+        return is_present(reference, self.images)
+
+    @staticmethod
+    def assemble(
+        pods: Iterable[ObservedPod],
+        networks: Iterable[tuple[str, dict[str, str]]],
+        volumes: Iterable[tuple[str, dict[str, str]]],
+        images: Iterable[str],
+    ) -> Observed:
+        """Group flat lists of labelled objects by the stack their labels name."""
+        grouped: dict[StackKey, dict] = {}
+
+        def bucket(labels: dict[str, str]) -> dict | None:
+            key = naming.key_of(labels)
+            if key is None:
+                return None
+            return grouped.setdefault(key, {"pods": [], "network": None, "volumes": []})
+
+        for pod in pods:
+            if (b := bucket(pod.labels)) is not None:
+                b["pods"].append(pod)
+        for name, labels in networks:
+            if (b := bucket(labels)) is not None:
+                b["network"] = name
+        for name, labels in volumes:
+            if (b := bucket(labels)) is not None:
+                b["volumes"].append(name)
+        return Observed(
+            stacks={
+                key: ObservedStack(
+                    key,
+                    tuple(sorted(b["pods"], key=lambda p: p.name)),
+                    b["network"],
+                    tuple(sorted(b["volumes"])),
+                )
+                for key, b in grouped.items()
+            },
+            images=frozenset(images),
+        )

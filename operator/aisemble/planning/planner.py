@@ -1,0 +1,203 @@
+"""plan(desired, observed) -> ordered actions. Pure: no I/O, no clock, no randomness.
+
+The plan is a list of steps, each naming the steps it must wait for, so the
+executor can run independent pods in parallel and still honour `dependsOn`,
+free a host port before another pod binds it, and create the network before
+anything joins it. Planning twice on the same input gives the same plan, and
+planning again on the world the plan produces gives no steps at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aisemble.model import StackKey
+from aisemble.model.spec import host_ports_clash
+from aisemble.planning.actions import (
+    CreateNetwork,
+    CreatePod,
+    CreateVolume,
+    Plan,
+    RemoveNetwork,
+    RemovePod,
+    RemoveVolume,
+    StartPod,
+    Step,
+)
+from aisemble.planning.desired import DesiredStack, PodTemplate
+from aisemble.planning.observed import ObservedPod, ObservedStack
+
+IMAGE_NOT_FOUND = "ImageNotFound"
+WAITING_FOR_DEPENDENCY = "WaitingForDependency"
+
+
+def plan(
+    desired: DesiredStack | None,
+    observed: ObservedStack,
+    has_image: Callable[[str], bool],
+    purge_volumes: bool = False,
+) -> Plan:
+    """The steps that turn `observed` into `desired` (None: the stack was deleted)."""
+    if desired is None:
+        return _teardown(observed, purge_volumes)
+    if desired.suspend:
+        return Plan(desired.key)
+    return _Planner(desired, observed, has_image).run()
+
+
+def _teardown(observed: ObservedStack, purge_volumes: bool) -> Plan:
+    removals = [
+        Step(RemovePod(observed.key, p.service or "?", p.name, "stack deleted"))
+        for p in sorted(observed.pods, key=lambda p: p.name)
+    ]
+    after = tuple(s.key for s in removals)
+    steps = list(removals)
+    if observed.network is not None:
+        steps.append(Step(RemoveNetwork(observed.key, observed.network), after))
+    if purge_volumes:
+        steps.extend(Step(RemoveVolume(observed.key, v), after) for v in sorted(observed.volumes))
+    return Plan(observed.key, tuple(steps))
+
+
+class _Planner:
+    def __init__(
+        self, desired: DesiredStack, observed: ObservedStack, has_image: Callable[[str], bool]
+    ) -> None:
+        self.desired = desired
+        self.observed = observed
+        self.has_image = has_image
+        self.key: StackKey = desired.key
+        self.steps: list[Step] = []
+        self.held: dict[str, tuple[str, str]] = {}
+        self.removals: list[tuple[Step, ObservedPod]] = []
+        # service -> keys of the steps that bring it up; dependents wait for them
+        self.bring_up: dict[str, list[str]] = {}
+
+    def run(self) -> Plan:
+        infra = self._infrastructure()
+        slots = self._slots()
+        self._hold_unavailable()
+        # Every removal is planned before any creation, so a creation can wait for
+        # the removal that frees its host port, whichever service held it.
+        current = {
+            service: self._replace_stale(service, slots)
+            for service in self.desired.order
+            if service not in self.held
+        }
+        for service, pods in current.items():
+            self._bring_up(service, pods, infra)
+        return Plan(self.key, tuple(self.steps), dict(self.held))
+
+    def _infrastructure(self) -> dict[str, str]:
+        """Network and volumes; returns object name -> key of the step creating it."""
+        created: dict[str, str] = {}
+        labels = self.desired.labels
+        if self.observed.network != self.desired.network:
+            step = Step(CreateNetwork(self.key, self.desired.network, labels))
+            self.steps.append(step)
+            created[self.desired.network] = step.key
+        for volume in self.desired.volumes:
+            if volume not in self.observed.volumes:
+                step = Step(CreateVolume(self.key, volume, labels))
+                self.steps.append(step)
+                created[volume] = step.key
+        return created
+
+    def _slots(self) -> dict[tuple[str, int], list[ObservedPod]]:
+        """Group observed pods by (service, replica); pods no slot wants are removed."""
+        slots: dict[tuple[str, int], list[ObservedPod]] = {}
+        for pod in sorted(self.observed.pods, key=lambda p: p.name):
+            service, replica = pod.service, pod.replica
+            if service is None or replica is None:
+                self._remove(pod, "labels incomplete")
+            elif service not in self.desired.replicas:
+                self._remove(pod, "service removed from spec")
+            elif replica >= self.desired.replicas[service]:
+                self._remove(pod, f"scaled down to {self.desired.replicas[service]}")
+            else:
+                slots.setdefault((service, replica), []).append(pod)
+        return slots
+
+    def _hold_unavailable(self) -> None:
+        """Services that cannot start this pass keep what runs now, untouched."""
+        for service in self.desired.order:
+            image = self.desired.images[service]
+            waiting = [d for d in self.desired.depends_on[service] if d in self.held]
+            if not self.has_image(image):
+                self.held[service] = (
+                    IMAGE_NOT_FOUND,
+                    f"image {image} is not present on this host; build it "
+                    f"(aisemble images build) or pull it (podman pull {image})",
+                )
+            elif waiting:
+                self.held[service] = (
+                    WAITING_FOR_DEPENDENCY,
+                    "waiting for " + ", ".join(f"{d} ({self.held[d][0]})" for d in waiting),
+                )
+
+    def _replace_stale(
+        self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]
+    ) -> dict[int, tuple[ObservedPod | None, list[str]]]:
+        """Per replica: the pod to keep (if any) and the removals clearing its slot."""
+        kept: dict[int, tuple[ObservedPod | None, list[str]]] = {}
+        for template in self.desired.templates(service):
+            pods = slots.get((service, template.replica), [])
+            keep = next(
+                (p for p in pods if p.name == template.pod_name and p.spec_hash == template.spec_hash),
+                None,
+            )
+            removals = [self._remove(p, "spec changed") for p in pods if p is not keep]
+            if keep is not None and keep.main is None:
+                removals.append(self._remove(keep, "its container is gone"))
+                keep = None
+            kept[template.replica] = (keep, removals)
+        return kept
+
+    def _bring_up(
+        self,
+        service: str,
+        kept: dict[int, tuple[ObservedPod | None, list[str]]],
+        infra: dict[str, str],
+    ) -> None:
+        after_deps = [k for d in self.desired.depends_on[service] for k in self.bring_up.get(d, [])]
+        ups: list[str] = []
+        for template in self.desired.templates(service):
+            pod, removals = kept[template.replica]
+            if pod is None:
+                after = (
+                    self._infra_keys(template, infra)
+                    + removals
+                    + self._port_holders(template)
+                    + after_deps
+                )
+                step = Step(CreatePod(self.key, template), _unique(after))
+            elif not pod.running:
+                state = pod.main.state if pod.main else "missing"
+                step = Step(StartPod(self.key, service, pod.name, f"was {state}"), _unique(after_deps))
+            else:
+                continue
+            self.steps.append(step)
+            ups.append(step.key)
+        self.bring_up[service] = ups
+
+    def _remove(self, pod: ObservedPod, reason: str) -> str:
+        step = Step(RemovePod(self.key, pod.service or "?", pod.name, reason))
+        self.steps.append(step)
+        self.removals.append((step, pod))
+        return step.key
+
+    def _infra_keys(self, template: PodTemplate, infra: dict[str, str]) -> list[str]:
+        names = [template.network] + [m.volume for m in template.mounts]
+        return [infra[n] for n in names if n in infra]
+
+    def _port_holders(self, template: PodTemplate) -> list[str]:
+        """Removals that free a host port this pod will bind."""
+        return [
+            step.key
+            for step, pod in self.removals
+            if any(host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports)
+        ]
+
+
+def _unique(keys: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(keys))

@@ -1,0 +1,1 @@
+"""Everything that talks to podman, and nothing else does."""

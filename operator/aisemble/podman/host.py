@@ -1,0 +1,192 @@
+"""Checks of the host's podman, each with the fix it needs, for `aisemble doctor`.
+
+Fixes are applied only where a check fails and only as small as the failure
+needs: a host where podman already works is never changed. The known
+failures and their fixes are the ones recorded in HOST-FACTS.md: crun on a
+cgroups v1/v2 hybrid host, default ulimits above the host's hard limit, a
+`/dev/net/tun` that rootless users cannot open.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aisemble.podman.connection import connect
+from aisemble.podman.errors import PodmanUnavailable
+
+MIN_VERSION = (4, 3)
+DROP_IN_NAME = "50-aisemble.conf"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""  # what a person can do, shown when not ok
+    apply_fix: Callable[[], str] | None = field(default=None, repr=False)  # doctor --fix
+    warning: bool = False  # not ok, but nothing is broken
+
+
+def _podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def install_hint() -> str:
+    if shutil.which("apt-get"):
+        return "sudo apt-get install -y podman runc uidmap slirp4netns fuse-overlayfs (or ./scripts/setup.sh)"
+    if shutil.which("dnf"):
+        return "sudo dnf install -y podman runc (or ./scripts/setup.sh)"
+    return "install podman >= 4.3 with your package manager (or ./scripts/setup.sh)"
+
+
+def check_installed() -> Check:
+    path = shutil.which("podman")
+    if path is None:
+        return Check("podman installed", False, "podman is not on PATH", install_hint())
+    proc = _podman("version", "--format", "{{.Client.Version}}")
+    version = proc.stdout.strip()
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if proc.returncode != 0 or len(parts) < 2:
+        return Check("podman installed", False, f"`podman version` failed: {proc.stderr.strip()}",
+                     install_hint())
+    if parts < MIN_VERSION:
+        return Check("podman installed", False, f"podman {version} is older than 4.3", install_hint())
+    return Check("podman installed", True, f"podman {version} ({path})")
+
+
+def conf_drop_in_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/etc/containers/containers.conf.d")
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "containers" / "containers.conf.d"
+
+
+def _write_drop_in(runtime: str | None = None, ulimits: bool = False) -> str:
+    """Merge our settings into AI-semble's own containers.conf drop-in (never the user's files)."""
+    path = conf_drop_in_dir() / DROP_IN_NAME
+    current = path.read_text() if path.exists() else ""
+    has_ulimits = "default_ulimits" in current or ulimits
+    has_runtime = runtime or (m.group(1) if (m := re.search(r'runtime = "(\w+)"', current)) else None)
+    lines = ["# Written by `aisemble doctor --fix`: the smallest changes that make podman work here."]
+    if has_ulimits:
+        lines += [
+            "[containers]",
+            "# podman's default ulimits exceed this host's hard limit",
+            'default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]',
+        ]
+    if has_runtime:
+        lines += ["[engine]", "# crun cannot run containers on this host's cgroups", f'runtime = "{has_runtime}"']
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return f"wrote {path}"
+
+
+def check_containers_run() -> Check:
+    """Start a real pod (its infra container needs no registry) and read why it fails, if it does."""
+    name = f"aisemble-doctor-{uuid.uuid4().hex[:8]}"
+    create = _podman("pod", "create", "--name", name, "--label", "aisemble.io/doctor=true")
+    try:
+        if create.returncode != 0:
+            return Check("containers start", False, f"cannot create a pod: {create.stderr.strip()}",
+                         "run `podman pod create` by hand to see the full error")
+        start = _podman("pod", "start", name)
+        if start.returncode == 0:
+            return Check("containers start", True, "a test pod started and stopped cleanly")
+        err = start.stderr.strip()
+        if "cgroups in hybrid mode" in err or "hybrid mode" in err:
+            runtime = "runc" if shutil.which("runc") else None
+            if runtime is None:
+                return Check("containers start", False, f"crun cannot run here: {err}",
+                             "install runc (apt-get install runc), then: aisemble doctor --fix")
+            return Check(
+                "containers start", False, "crun does not support this host's hybrid cgroups",
+                f"use runc: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
+                apply_fix=lambda: _write_drop_in(runtime="runc"),
+            )
+        if "rlimit" in err.lower():
+            return Check(
+                "containers start", False, "podman's default ulimits exceed the host's hard limit",
+                f"lower them: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
+                apply_fix=lambda: _write_drop_in(ulimits=True),
+            )
+        return Check("containers start", False, f"a test pod failed to start: {err}",
+                     "run `podman pod start` by hand to see the full error")
+    finally:
+        _podman("pod", "rm", "-f", name, timeout=60)
+
+
+def check_dns() -> Check:
+    proc = _podman("info", "--format", "{{.Host.NetworkBackend}}")
+    backend = proc.stdout.strip() or "unknown"
+    aardvark = any(
+        Path(p).exists()
+        for p in ("/usr/lib/podman/aardvark-dns", "/usr/libexec/podman/aardvark-dns", "/usr/local/lib/podman/aardvark-dns")
+    )
+    if backend == "netavark" and aardvark:
+        return Check("DNS between pods", True, "netavark with aardvark-dns")
+    return Check(
+        "DNS between pods", False,
+        f"network backend {backend}{'' if aardvark else ', aardvark-dns missing'}: "
+        "services cannot reach each other by name",
+        "install netavark and aardvark-dns (apt-get install -y netavark aardvark-dns)",
+    )
+
+
+def check_rootless() -> Check | None:
+    if os.geteuid() == 0:
+        return None
+    tun = Path("/dev/net/tun")
+    if not os.access(tun, os.R_OK | os.W_OK):
+        return Check("rootless networking", False, f"{tun} is not readable by this user",
+                     f"as root: chmod 666 {tun}")
+    user = os.environ.get("USER") or str(os.geteuid())
+    subuid = Path("/etc/subuid")
+    if not subuid.exists() or not any(line.split(":")[0] in (user, str(os.geteuid()))
+                                      for line in subuid.read_text().splitlines()):
+        return Check("rootless networking", False, f"no /etc/subuid range for {user}",
+                     f"as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}")
+    return Check("rootless networking", True, f"{tun} usable, subuid range present")
+
+
+def check_api() -> Check:
+    try:
+        with connect() as conn:
+            version = conn.client.version().get("Version", "?")
+            how = "started for this command" if conn.started_here else "already running"
+            return Check("podman REST API", True, f"API {version} at {conn.url} ({how})")
+    except PodmanUnavailable as exc:
+        return Check("podman REST API", False, str(exc), "run `podman system service` by hand to see why")
+
+
+def check_systemd() -> Check:
+    pid1 = Path("/proc/1/comm").read_text().strip() if Path("/proc/1/comm").exists() else "?"
+    if pid1 == "systemd":
+        return Check("systemd", True, "PID 1 is systemd")
+    return Check(
+        "systemd", False,
+        f"PID 1 is {pid1}: podman cannot schedule health checks or socket units here",
+        "nothing to do: AI-semble starts podman's API for each command itself",
+        warning=True,
+    )
+
+
+def all_checks() -> list[Check]:
+    installed = check_installed()
+    if not installed.ok:
+        return [installed]
+    checks = [installed, check_containers_run(), check_dns()]
+    rootless = check_rootless()
+    if rootless is not None:
+        checks.append(rootless)
+    checks += [check_api(), check_systemd()]
+    return checks

@@ -1,0 +1,236 @@
+"""One reconcile pass for one stack: load, observe, plan, execute, status.
+
+1. Load the stack from the store. Unknown: whatever podman still has of it is
+   an orphan and is removed. Marked for deletion: tear down, then forget it.
+2. Observe it in podman (or use the caller's snapshot of the whole host).
+3. Plan: a pure function of desired and observed. Suspended stacks plan nothing.
+4. Execute the plan, independent steps in parallel (bounded), each step only
+   after the steps it names have succeeded.
+5. Rebuild the status from a fresh observation and store it if it changed.
+
+The clock is injected so time-dependent behaviour is testable without sleeping.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aisemble.model import AISembleStatus, StackKey
+from aisemble.planning.actions import (
+    CreateNetwork,
+    CreatePod,
+    CreateVolume,
+    Plan,
+    RemoveNetwork,
+    RemovePod,
+    RemoveVolume,
+    StartPod,
+    Step,
+)
+from aisemble.planning.desired import render
+from aisemble.planning.observed import Observed
+from aisemble.planning.planner import plan
+from aisemble.planning.status import PassResult, fold
+from aisemble.podman.driver import PodmanDriver
+from aisemble.podman.errors import ActionFailed, PodmanUnavailable
+from aisemble.sources.store import Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    key: StackKey
+    step: Step
+    ok: bool
+    error: ActionFailed | None = None
+    skipped: bool = False
+
+    def describe(self) -> str:
+        text = self.step.action.describe()
+        if self.skipped:
+            return f"skipped {text}: a step it waits for failed"
+        if self.error is not None:
+            return f"failed to {text}: {self.error.message}"
+        return text
+
+
+Progress = Callable[[StepOutcome], None]
+
+
+@dataclass
+class PassReport:
+    key: StackKey
+    plan: Plan
+    outcomes: list[StepOutcome] = field(default_factory=list)
+    status: AISembleStatus | None = None
+    forgotten: bool = False  # the stack was deleted and is now gone entirely
+
+    @property
+    def failed(self) -> list[StepOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def failed_transiently(self) -> bool:
+        """Something failed that another pass may well fix."""
+        return any(o.skipped or (o.error and not o.error.permanent) for o in self.failed)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        driver: PodmanDriver,
+        clock: Clock = utc_now,
+        parallelism: int = 4,
+        progress: Progress | None = None,
+    ) -> None:
+        self.store = store
+        self.driver = driver
+        self.clock = clock
+        self.parallelism = parallelism
+        self.progress = progress
+
+    def reconcile(self, key: StackKey, observed: Observed | None = None) -> PassReport:
+        """One pass for one stack. The caller holds the stack's lock."""
+        stored = self.store.get(key)  # 1. load
+        if observed is None:  # 2. observe
+            observed = self.driver.observe([key])
+        current = observed.stack(key)
+
+        if stored is None or stored.deleting:
+            purge = bool(stored and stored.purge_volumes)
+            report = PassReport(key, plan(None, current, observed.has_image, purge_volumes=purge))
+            report.outcomes = self._execute(report.plan)
+            if stored is not None and not report.failed:
+                after = self.driver.observe([key]).stack(key)
+                if not after.pods and after.network is None:
+                    self.store.forget(key)
+                    report.forgotten = True
+            return report
+
+        desired = render(stored.resource, self.store.owner)
+        report = PassReport(key, plan(desired, current, observed.has_image))  # 3. plan
+        report.outcomes = self._execute(report.plan)  # 4. execute
+        if report.outcomes:
+            observed = self.driver.observe([key])
+        result = PassResult(  # 5. status
+            held=report.plan.held,
+            errors=_errors_by_service(report),
+            pending=report.failed_transiently,
+        )
+        report.status = fold(
+            stored.resource, desired, observed.stack(key), result, self.clock(), stored.status
+        )
+        if self.store.write_status(key, report.status):
+            self._record_status_change(key, stored.status, report.status)
+        return report
+
+    # -- executing -------------------------------------------------------------------------
+
+    def _execute(self, plan_: Plan) -> list[StepOutcome]:
+        if not plan_.steps:
+            return []
+        outcomes: dict[str, StepOutcome] = {}
+        pending = list(plan_.steps)
+        unavailable: PodmanUnavailable | None = None
+        with futures.ThreadPoolExecutor(max_workers=self.parallelism) as pool:
+            running: dict[futures.Future, Step] = {}
+            while True:
+                for step in list(pending):
+                    blockers = [outcomes.get(k) for k in step.after]
+                    if any(b is not None and not b.ok for b in blockers):
+                        pending.remove(step)
+                        self._finish(outcomes, StepOutcome(plan_.stack, step, False, skipped=True))
+                    elif all(b is not None for b in blockers) and unavailable is None:
+                        pending.remove(step)
+                        running[pool.submit(self.driver.execute, step.action)] = step
+                if not running:
+                    break
+                done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                for fut in done:
+                    step = running.pop(fut)
+                    try:
+                        fut.result()
+                        outcome = StepOutcome(plan_.stack, step, True)
+                    except ActionFailed as exc:
+                        outcome = StepOutcome(plan_.stack, step, False, exc)
+                    except PodmanUnavailable as exc:
+                        unavailable = exc
+                        outcome = StepOutcome(
+                            plan_.stack, step, False, ActionFailed("PodmanUnavailable", str(exc))
+                        )
+                    self._finish(outcomes, outcome)
+        for step in pending:  # left behind by an unreachable podman
+            self._finish(outcomes, StepOutcome(plan_.stack, step, False, skipped=True))
+        if unavailable is not None:
+            raise unavailable
+        return [outcomes[s.key] for s in plan_.steps if s.key in outcomes]
+
+    def _finish(self, outcomes: dict[str, StepOutcome], outcome: StepOutcome) -> None:
+        outcomes[outcome.step.key] = outcome
+        action = outcome.step.action
+        if outcome.ok:
+            self.store.record_event(outcome.key, _event_reason(action), action.describe(), now=self.clock())
+        else:
+            self.store.record_event(
+                outcome.key, "Failed" if not outcome.skipped else "Skipped", outcome.describe(),
+                type_="Warning", now=self.clock(),
+            )
+        if self.progress is not None:
+            self.progress(outcome)
+
+    def _record_status_change(
+        self, key: StackKey, old: AISembleStatus | None, new: AISembleStatus
+    ) -> None:
+        if old is not None and old.phase == new.phase:
+            return
+        ready = new.condition("Ready")
+        message = f"phase {new.phase.value}" + (f": {ready.message}" if ready and ready.message else "")
+        warning = new.phase.value in ("Degraded", "Failed")
+        self.store.record_event(
+            key, new.phase.value, message, type_="Warning" if warning else "Normal", now=self.clock()
+        )
+
+
+def _errors_by_service(report: PassReport) -> dict[str, tuple[str, str]]:
+    errors: dict[str, tuple[str, str]] = {}
+    stack_errors: list[tuple[str, str]] = []
+    for outcome in report.failed:
+        if outcome.skipped:
+            continue
+        err = outcome.error
+        assert err is not None
+        service = getattr(outcome.step.action, "service", None)
+        if service:
+            errors.setdefault(service, (err.reason, err.message))
+        else:
+            stack_errors.append((err.reason, err.message))
+    if stack_errors:
+        for outcome in report.failed:
+            service = getattr(outcome.step.action, "service", None)
+            if outcome.skipped and service:
+                errors.setdefault(service, stack_errors[0])
+    return errors
+
+
+def _event_reason(action: object) -> str:
+    return {
+        CreateNetwork: "Created",
+        CreateVolume: "Created",
+        CreatePod: "Created",
+        StartPod: "Started",
+        RemovePod: "Removed",
+        RemoveNetwork: "Removed",
+        RemoveVolume: "Removed",
+    }.get(type(action), "Done")

@@ -1,0 +1,454 @@
+"""The embedded store: desired state, status and events in SQLite, crash-safe.
+
+Every source writes here: `aisemble apply` as source `cli`, a watched
+directory as `dir:<path>`. One stack belongs to one source; a second source
+declaring it is refused, never silently overwritten. All writes of one apply
+happen in one transaction, so a crash leaves either the old state or the new
+one. A deleted stack stays as a tombstone (`deleting`) until its pods are
+gone, so a crash during teardown is finished by the next pass.
+
+Processes coordinate through per-stack file locks beside the database, so
+`apply` and a running `aisemble run` never reconcile the same stack at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aisemble.loading import Document
+from aisemble.model import AISemble, AISembleStatus, StackKey
+from aisemble.model.spec import host_ports_clash
+
+SCHEMA_VERSION = 1
+CLI_SOURCE = "cli"
+EVENTS_KEPT_PER_STACK = 200
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stacks (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    resource TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    deleting INTEGER NOT NULL DEFAULT 0,
+    purge_volumes INTEGER NOT NULL DEFAULT 0,
+    status TEXT,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    time TEXT NOT NULL,
+    type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_stack ON events (namespace, name, id);
+"""
+
+
+class StoreError(Exception):
+    """The request conflicts with what is stored; nothing was changed."""
+
+
+class _Rollback(Exception):  # noqa: N818 - control flow, never escapes the store
+    def __init__(self, changes: list[Change]) -> None:
+        self.changes = changes
+
+
+def default_state_dir() -> Path:
+    if env := os.environ.get("AISEMBLE_STATE_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/aisemble")
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "aisemble"
+
+
+@dataclass(frozen=True)
+class StoredStack:
+    key: StackKey
+    source: str
+    generation: int
+    resource: AISemble  # metadata.generation and creationTimestamp filled in
+    created: datetime
+    updated: datetime
+    deleting: bool
+    purge_volumes: bool
+    status: AISembleStatus | None
+
+    def with_status(self) -> AISemble:
+        return self.resource.model_copy(update={"status": self.status})
+
+
+@dataclass(frozen=True)
+class Change:
+    key: StackKey
+    verb: str  # created, configured, unchanged, deleted
+
+    def __str__(self) -> str:
+        return f"aisemble {self.key} {self.verb}"
+
+
+@dataclass(frozen=True)
+class Event:
+    key: StackKey
+    time: datetime
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+class Store:
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = Path(state_dir or default_state_dir())
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.state_dir / "locks").mkdir(exist_ok=True)
+        self.path = self.state_dir / "state.db"
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('owner', ?)", (uuid.uuid4().hex[:12],))
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        self.owner: str = self._db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- desired state ---------------------------------------------------------------------
+
+    def apply(
+        self,
+        documents: list[Document],
+        source: str = CLI_SOURCE,
+        now: datetime | None = None,
+        dry_run: bool = False,
+    ) -> list[Change]:
+        """Store every document, all or nothing. Raises StoreError on a conflict.
+
+        With `dry_run` every check runs and the changes are reported, then rolled back.
+        """
+        try:
+            with self._transaction() as db:
+                changes = self._apply(db, documents, source, now or _now())
+                if dry_run:
+                    raise _Rollback(changes)
+                return changes
+        except _Rollback as rollback:
+            return rollback.changes
+
+    def sync_source(
+        self, source: str, documents: list[Document], prune: bool = True, now: datetime | None = None
+    ) -> list[Change]:
+        """Make `source`'s stacks exactly `documents`: apply them, delete the ones it dropped."""
+        now = now or _now()
+        with self._transaction() as db:
+            changes = self._apply(db, documents, source, now)
+            if prune:
+                keep = {d.key for d in documents}
+                for key in self._keys(db, source=source, deleting=False):
+                    if key not in keep:
+                        self._mark_deleting(db, key, purge=False, now=now)
+                        changes.append(Change(key, "deleted"))
+            return changes
+
+    def _apply(
+        self, db: sqlite3.Connection, documents: list[Document], source: str, now: datetime
+    ) -> list[Change]:
+        incoming = {d.key: d for d in documents}
+        problems: list[str] = []
+        rows = {self._key(r): r for r in db.execute("SELECT * FROM stacks").fetchall()}
+        for key, doc in incoming.items():
+            row = rows.get(key)
+            if row is not None and row["source"] != source and not row["deleting"]:
+                problems.append(
+                    f"{doc.source}: {key} is managed by {row['source']}; change it there, "
+                    "or delete it there first"
+                )
+        # Host ports must be unique across every stack that will exist after this apply.
+        claims: list[tuple[StackKey, tuple[str, int, str], str]] = []
+        for key, row in rows.items():
+            if key not in incoming and not row["deleting"]:
+                spec = AISemble.model_validate_json(row["resource"]).spec
+                claims.extend((key, hp, f"stored stack {key}") for hp in spec.host_ports())
+        for key, doc in incoming.items():
+            for i, hp in enumerate(doc.resource.spec.host_ports()):
+                for other_key, other, where in claims:
+                    if other_key != key and host_ports_clash(hp, other):
+                        problems.append(
+                            f"{doc.source}: document {doc.index} ({key}): spec.expose[{i}].hostPort: "
+                            f"host port {hp[1]}/{hp[2]} on {hp[0]} is already claimed by {where}"
+                        )
+                claims.append((key, hp, f"{doc.source} document {doc.index}"))
+        if problems:
+            raise StoreError("\n".join(problems))
+        changes = []
+        for key, doc in incoming.items():
+            changes.append(self._upsert(db, doc.resource, rows.get(key), source, now))
+        return changes
+
+    def _upsert(
+        self,
+        db: sqlite3.Connection,
+        resource: AISemble,
+        row: sqlite3.Row | None,
+        source: str,
+        now: datetime,
+    ) -> Change:
+        key = resource.key
+        if row is None:
+            generation, created, verb = 1, now, "created"
+        else:
+            old = AISemble.model_validate_json(row["resource"])
+            created = datetime.fromisoformat(row["created"])
+            same_spec = old.spec == resource.spec
+            generation = row["generation"] if same_spec else row["generation"] + 1
+            unchanged = (
+                same_spec
+                and not row["deleting"]
+                and old.metadata.labels == resource.metadata.labels
+                and old.metadata.annotations == resource.metadata.annotations
+                and row["source"] == source
+            )
+            verb = "unchanged" if unchanged else "configured"
+            if row["deleting"]:
+                verb = "created"
+        metadata = {
+            "name": key.name,
+            "namespace": key.namespace,
+            "labels": resource.metadata.labels,
+            "annotations": resource.metadata.annotations,
+            "generation": generation,
+            "creationTimestamp": created,
+        }
+        stored = AISemble(
+            apiVersion=resource.apiVersion,
+            kind=resource.kind,
+            metadata=metadata,
+            spec=resource.spec,
+        )
+        db.execute(
+            """INSERT INTO stacks (namespace, name, source, generation, resource, created, updated)
+               VALUES (?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (namespace, name) DO UPDATE SET
+                 source=excluded.source, generation=excluded.generation,
+                 resource=excluded.resource, updated=excluded.updated,
+                 deleting=0, purge_volumes=0""",
+            (
+                key.namespace,
+                key.name,
+                source,
+                generation,
+                stored.model_dump_json(exclude_none=True),
+                created.isoformat(),
+                now.isoformat(),
+            ),
+        )
+        return Change(key, verb)
+
+    def request_delete(
+        self,
+        keys: Iterable[StackKey],
+        purge_volumes: bool = False,
+        source: str | None = CLI_SOURCE,
+        now: datetime | None = None,
+    ) -> list[Change]:
+        """Mark stacks for deletion (all or nothing); the reconciler removes their objects."""
+        now = now or _now()
+        keys = list(keys)
+        with self._transaction() as db:
+            problems = []
+            for key in keys:
+                row = self._row(db, key)
+                if row is None:
+                    problems.append(f"aisemble {key} not found")
+                elif source is not None and row["source"] != source:
+                    problems.append(
+                        f"aisemble {key} is managed by {row['source']}; remove it there"
+                    )
+            if problems:
+                raise StoreError("\n".join(problems))
+            for key in keys:
+                self._mark_deleting(db, key, purge_volumes, now)
+        return [Change(k, "deleted") for k in keys]
+
+    def _mark_deleting(self, db: sqlite3.Connection, key: StackKey, purge: bool, now: datetime) -> None:
+        db.execute(
+            "UPDATE stacks SET deleting=1, purge_volumes=MAX(purge_volumes, ?), updated=? "
+            "WHERE namespace=? AND name=?",
+            (int(purge), now.isoformat(), key.namespace, key.name),
+        )
+
+    def forget(self, key: StackKey) -> None:
+        """Drop a stack whose teardown finished (only if it is still being deleted)."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM stacks WHERE namespace=? AND name=? AND deleting=1", (key.namespace, key.name)
+            )
+
+    def get(self, key: StackKey) -> StoredStack | None:
+        with self._lock:
+            row = self._row(self._db, key)
+        return _stored(row) if row else None
+
+    def list(
+        self, namespace: str | None = None, source: str | None = None, include_deleting: bool = True
+    ) -> list[StoredStack]:
+        query = "SELECT * FROM stacks WHERE 1=1"
+        args: list[object] = []
+        if namespace is not None:
+            query += " AND namespace=?"
+            args.append(namespace)
+        if source is not None:
+            query += " AND source=?"
+            args.append(source)
+        if not include_deleting:
+            query += " AND deleting=0"
+        query += " ORDER BY namespace, name"
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [_stored(r) for r in rows]
+
+    def sources(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT DISTINCT source FROM stacks")}
+
+    # -- status and events -----------------------------------------------------------------
+
+    def write_status(self, key: StackKey, status: AISembleStatus) -> bool:
+        """Store the status if it changed; returns whether it did."""
+        text = status.model_dump_json(exclude_none=True)
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE stacks SET status=? WHERE namespace=? AND name=? AND status IS NOT ?",
+                (text, key.namespace, key.name, text),
+            )
+            return cur.rowcount > 0
+
+    def record_event(
+        self, key: StackKey, reason: str, message: str, type_: str = "Normal", now: datetime | None = None
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO events (namespace, name, time, type, reason, message) VALUES (?,?,?,?,?,?)",
+                (key.namespace, key.name, (now or _now()).isoformat(), type_, reason, message),
+            )
+            db.execute(
+                """DELETE FROM events WHERE namespace=? AND name=? AND id <= (
+                     SELECT id FROM events WHERE namespace=? AND name=?
+                     ORDER BY id DESC LIMIT 1 OFFSET ?)""",
+                (key.namespace, key.name, key.namespace, key.name, EVENTS_KEPT_PER_STACK),
+            )
+
+    def events(self, key: StackKey | None = None, limit: int = 50) -> list[Event]:
+        query, args = "SELECT * FROM events", []
+        if key is not None:
+            query += " WHERE namespace=? AND name=?"
+            args = [key.namespace, key.name]
+        query += " ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, [*args, limit]).fetchall()
+        return [
+            Event(StackKey(r[1], r[2]), datetime.fromisoformat(r[3]), r[4], r[5], r[6])
+            for r in reversed(rows)
+        ]
+
+    # -- coordination between processes ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, key: StackKey, timeout: float | None = None) -> Iterator[bool]:
+        """Hold the stack's reconcile lock. Yields False if not acquired within `timeout`.
+
+        `timeout=None` waits for as long as it takes; `0` only tries once.
+        """
+        path = self.state_dir / "locks" / f"{key.namespace}_{key.name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    acquired = True
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        acquired = False
+                        break
+                    time.sleep(0.05)
+            try:
+                yield acquired
+            finally:
+                if acquired:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _row(self, db: sqlite3.Connection, key: StackKey) -> sqlite3.Row | None:
+        return db.execute(
+            "SELECT * FROM stacks WHERE namespace=? AND name=?", (key.namespace, key.name)
+        ).fetchone()
+
+    def _keys(self, db: sqlite3.Connection, source: str, deleting: bool) -> list[StackKey]:
+        rows = db.execute(
+            "SELECT namespace, name FROM stacks WHERE source=? AND deleting=?", (source, int(deleting))
+        ).fetchall()
+        return [StackKey(r[0], r[1]) for r in rows]
+
+    @staticmethod
+    def _key(row: sqlite3.Row) -> StackKey:
+        return StackKey(row["namespace"], row["name"])
+
+
+def _stored(row: sqlite3.Row) -> StoredStack:
+    return StoredStack(
+        key=StackKey(row["namespace"], row["name"]),
+        source=row["source"],
+        generation=row["generation"],
+        resource=AISemble.model_validate_json(row["resource"]),
+        created=datetime.fromisoformat(row["created"]),
+        updated=datetime.fromisoformat(row["updated"]),
+        deleting=bool(row["deleting"]),
+        purge_volumes=bool(row["purge_volumes"]),
+        status=AISembleStatus.model_validate_json(row["status"]) if row["status"] else None,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
