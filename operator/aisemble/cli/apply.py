@@ -72,17 +72,18 @@ def cmd_apply(args: argparse.Namespace, session: Session) -> int:
         return 1
     if args.dry_run:
         return _dry_run(manifests, session)
-    try:
-        changes = session.store.apply(manifests.documents)
-    except StoreError as exc:
-        error(str(exc))
-        note("nothing was applied")
-        return 1
-    for change in changes:
-        print(change)
-    keys = [c.key for c in changes]
     printer = ProgressPrinter()
+    # Connect first: when podman is unreachable, fail before anything is stored.
     with session.controller(progress=printer.step) as controller:
+        try:
+            changes = session.store.apply(manifests.documents)
+        except StoreError as exc:
+            error(str(exc))
+            note("nothing was applied")
+            return 1
+        for change in changes:
+            print(change, flush=True)
+        keys = [c.key for c in changes]
         reports = controller.converge(keys, args.timeout, wait=args.wait, on_pass=printer.status)
     return _summarize(keys, reports, printer, waited=args.wait, timeout=args.timeout)
 
@@ -201,13 +202,13 @@ def cmd_delete(args: argparse.Namespace, session: Session) -> int:
         error("name the stacks to delete, or give -f FILE")
         return 2
     volumes = {k: bool(s.resource.spec.volumes) for k in keys if (s := session.store.get(k))}
-    try:
-        changes = session.store.request_delete(keys, purge_volumes=args.purge_volumes)
-    except StoreError as exc:
-        error(str(exc))
-        return 1
     printer = ProgressPrinter()
     with session.controller(progress=printer.step) as controller:
+        try:
+            changes = session.store.request_delete(keys, purge_volumes=args.purge_volumes)
+        except StoreError as exc:
+            error(str(exc))
+            return 1
         reports = controller.converge(keys, args.timeout, wait=args.wait)
     code = 0
     for change in changes:

@@ -1,0 +1,140 @@
+"""Helpers for tests against real podman: the CLI in-process, the store, a podman client."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import podman
+import yaml
+
+from aisemble.cli.main import main
+from aisemble.model import StackKey
+from aisemble.sources.store import Store
+
+TINY = "localhost/aisemble/tiny:latest"
+# A service that runs until stopped and stops at once on SIGTERM.
+IDLE = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1 & wait $!; done"]
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+@dataclass
+class Env:
+    state_dir: Path
+    tmp: Path
+    client: podman.PodmanClient
+
+    @property
+    def store(self) -> Store:
+        return Store(self.state_dir)
+
+    @property
+    def owner(self) -> str:
+        store = Store(self.state_dir)
+        try:
+            return store.owner
+        finally:
+            store.close()
+
+    def cli(self, *args: str) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    def write(self, name: str, *documents: dict[str, Any]) -> Path:
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+        return path
+
+    def pods(self, stack: str | None = None) -> list[dict[str, Any]]:
+        label = f"aisemble.io/owner={self.owner}"
+        pods = [p.attrs for p in self.client.pods.list(filters={"label": label})]
+        if stack is not None:
+            pods = [p for p in pods if p["Labels"].get("aisemble.io/stack") == stack]
+        return sorted(pods, key=lambda p: p["Name"])
+
+    def containers(self, stack: str) -> list[dict[str, Any]]:
+        label = f"aisemble.io/stack={stack}"
+        found = self.client.containers.list(all=True, filters={"label": label})
+        return [c.attrs for c in found if not c.attrs.get("IsInfra")]
+
+    def networks(self, stack: str) -> list[str]:
+        label = f"aisemble.io/stack={stack}"
+        return [n.name for n in self.client.networks.list(filters={"label": label})]
+
+    def volumes(self, stack: str) -> list[str]:
+        label = f"aisemble.io/stack={stack}"
+        return [v.name for v in self.client.volumes.list(filters={"label": label})]
+
+    def exec(self, container: str, *cmd: str) -> tuple[int, str]:
+        code, output = self.client.containers.get(container).exec_run(list(cmd), demux=True)
+        stdout = output[0] if isinstance(output, tuple) else output
+        return code, (stdout or b"").decode(errors="replace")
+
+    def status(self, name: str, namespace: str = "default"):
+        store = Store(self.state_dir)
+        try:
+            stored = store.get(StackKey(namespace, name))
+            return stored.status if stored else None
+        finally:
+            store.close()
+
+    def cleanup(self) -> None:
+        owner = self.owner
+        for pod in self.client.pods.list(filters={"label": f"aisemble.io/owner={owner}"}):
+            with contextlib.suppress(Exception):
+                pod.remove(force=True)
+        for net in self.client.networks.list(filters={"label": f"aisemble.io/owner={owner}"}):
+            with contextlib.suppress(Exception):
+                net.remove(force=True)
+        for vol in self.client.volumes.list(filters={"label": f"aisemble.io/owner={owner}"}):
+            with contextlib.suppress(Exception):
+                vol.remove(force=True)
+
+
+def stack(name: str, services: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "aisemble.io/v1alpha1",
+        "kind": "AISemble",
+        "metadata": {"name": name},
+        "spec": {"services": services, **spec},
+    }
+
+
+def service(name: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "image": TINY, "command": IDLE, "terminationGracePeriodSeconds": 1, **fields}
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy; fail with its last value otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

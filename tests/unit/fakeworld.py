@@ -1,0 +1,263 @@
+"""A fake podman host for planner tests: pure values in, pure values out.
+
+`FakeWorld` holds one stack as an `ObservedStack` plus the images present on the
+host, and executes planned actions the way `aisemble.podman.driver.PodmanDriver`
+leaves podman: `CreatePod` makes a pod labelled like its template with a running
+main container and the template's host ports; `StartPod` starts the main
+container; removals of things already gone succeed, as in the driver.
+
+It also refuses what podman refuses, so a plan whose `Step.after` is too weak
+fails here: a pod whose name is taken, whose network or volume does not exist
+yet, whose image is missing or whose host port another pod binds; removing a
+network pods still use or a volume a pod mounts.
+
+`run()` executes a plan honouring `Step.after` only (not the order of the steps
+in the plan, unless asked): given a `random.Random`, it picks any step whose
+predecessors are done, as a parallel executor may. A step named in `failing`
+fails, and every step waiting on a failed or skipped step is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aisemble.model import StackKey
+from aisemble.model.spec import host_ports_clash
+from aisemble.planning.actions import (
+    Action,
+    CreateNetwork,
+    CreatePod,
+    CreateVolume,
+    Plan,
+    RemoveNetwork,
+    RemovePod,
+    RemoveVolume,
+    StartPod,
+    Step,
+)
+from aisemble.planning.desired import DesiredStack, PodTemplate
+from aisemble.planning.images import is_present
+from aisemble.planning.observed import ObservedContainer, ObservedPod, ObservedStack
+
+
+class WorldError(Exception):
+    """Podman refused an action; `reason` is a CamelCase word like the driver's."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass
+class Execution:
+    """What happened when a plan ran."""
+
+    order: list[str] = field(default_factory=list)  # keys of steps that succeeded, in order
+    failed: dict[str, str] = field(default_factory=dict)  # key -> reason
+    skipped: list[str] = field(default_factory=list)  # keys never run: a predecessor failed
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.skipped
+
+    def position(self, key: str) -> int:
+        return self.order.index(key)
+
+
+def make_pod(
+    template: PodTemplate,
+    state: str | None = "running",
+    *,
+    uid: str | None = None,
+    exit_code: int = 0,
+) -> ObservedPod:
+    """The pod the driver's `CreatePod` leaves behind; `state=None`: its container is gone."""
+    uid = uid or template.pod_name
+    main = None
+    if state is not None:
+        main = ObservedContainer(
+            id=f"ctr-{uid}",
+            name=template.container_name,
+            state=state,
+            exit_code=exit_code,
+            image=template.image,
+            labels=template.label_dict,
+        )
+    return ObservedPod(
+        id=f"pod-{uid}",
+        name=template.pod_name,
+        labels=template.label_dict,
+        status="Running" if state == "running" else "Degraded",
+        main=main,
+        host_ports=tuple(sorted({b.host for b in template.ports})),
+    )
+
+
+def converged(desired: DesiredStack, state: str = "running") -> ObservedStack:
+    """What podman shows once `desired` has been fully realised."""
+    return ObservedStack(
+        desired.key,
+        tuple(make_pod(t, state) for t in desired.pods),
+        desired.network,
+        tuple(sorted(desired.volumes)),
+    )
+
+
+class FakeWorld:
+    def __init__(
+        self,
+        stack: ObservedStack | StackKey,
+        images: Iterable[str] = (),
+        *,
+        failing: Iterable[str] = (),
+        mounts: dict[str, Iterable[str]] | None = None,
+    ) -> None:
+        self.stack = stack if isinstance(stack, ObservedStack) else ObservedStack(stack)
+        self.images = set(images)
+        self.failing = set(failing)
+        self.history: list[str] = []  # every key attempted, in order, across runs
+        # pod name -> podman volumes it mounts (known for pods this world created or was told)
+        self.mounts: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in (mounts or {}).items()}
+        self._serial = 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def has_image(self, reference: str) -> bool:
+        return is_present(reference, frozenset(self.images))
+
+    def pod(self, name: str) -> ObservedPod | None:
+        return next((p for p in self.stack.pods if p.name == name), None)
+
+    @property
+    def pod_names(self) -> set[str]:
+        return {p.name for p in self.stack.pods}
+
+    # -- acting ----------------------------------------------------------------------------
+
+    def apply(self, action: Action) -> None:
+        """Carry out one action, replacing `self.stack`; raises WorldError like podman would."""
+        if action.stack != self.stack.key:
+            raise AssertionError(f"{action.describe()} targets {action.stack}, not {self.stack.key}")
+        self.history.append(action.key)
+        if action.key in self.failing:
+            raise WorldError("Injected", f"{action.describe()} fails on purpose")
+        handler = {
+            CreateNetwork: self._create_network,
+            CreateVolume: self._create_volume,
+            CreatePod: self._create_pod,
+            StartPod: self._start_pod,
+            RemovePod: self._remove_pod,
+            RemoveNetwork: self._remove_network,
+            RemoveVolume: self._remove_volume,
+        }[type(action)]
+        handler(action)
+
+    def _replace(self, **changes: object) -> None:
+        self.stack = dataclasses.replace(self.stack, **changes)
+
+    def _create_network(self, action: CreateNetwork) -> None:
+        self._replace(network=action.name)
+
+    def _create_volume(self, action: CreateVolume) -> None:
+        if action.name not in self.stack.volumes:
+            self._replace(volumes=tuple(sorted((*self.stack.volumes, action.name))))
+
+    def _create_pod(self, action: CreatePod) -> None:
+        t = action.template
+        if self.pod(t.pod_name) is not None:
+            raise WorldError("NameConflict", f"a pod named {t.pod_name} already exists")
+        if self.stack.network != t.network:
+            raise WorldError("NetworkNotFound", f"network {t.network} does not exist")
+        for m in t.mounts:
+            if m.volume not in self.stack.volumes:
+                raise WorldError("VolumeNotFound", f"volume {m.volume} does not exist")
+        if not self.has_image(t.image):
+            raise WorldError("ImageNotFound", f"image {t.image} is not present")
+        for other in self.stack.pods:
+            for bound in other.host_ports:
+                if any(host_ports_clash(b.host, bound) for b in t.ports):
+                    raise WorldError("PortInUse", f"{bound} is bound by pod {other.name}")
+        self._serial += 1
+        pod = make_pod(t, uid=f"{t.pod_name}-{self._serial}")
+        self.mounts[t.pod_name] = frozenset(m.volume for m in t.mounts)
+        self._replace(pods=(*self.stack.pods, pod))
+
+    def _start_pod(self, action: StartPod) -> None:
+        pod = self.pod(action.pod)
+        if pod is None:
+            return  # the driver ignores NotFound: the next pass recreates it
+        main = pod.main
+        if main is not None:
+            main = dataclasses.replace(main, state="running", exit_code=0)
+        # A pod without its main container starts only its infra container.
+        started = dataclasses.replace(pod, main=main, status="Running")
+        self._replace(pods=tuple(started if p.name == pod.name else p for p in self.stack.pods))
+
+    def _remove_pod(self, action: RemovePod) -> None:
+        self.mounts.pop(action.pod, None)
+        self._replace(pods=tuple(p for p in self.stack.pods if p.name != action.pod))
+
+    def _remove_network(self, action: RemoveNetwork) -> None:
+        if self.stack.network != action.name:
+            return
+        if self.stack.pods:
+            users = ", ".join(sorted(self.pod_names))
+            raise WorldError("NetworkInUse", f"network {action.name} is used by {users}")
+        self._replace(network=None)
+
+    def _remove_volume(self, action: RemoveVolume) -> None:
+        users = sorted(p for p, vols in self.mounts.items() if action.name in vols)
+        if users:
+            raise WorldError("VolumeInUse", f"volume {action.name} is used by {', '.join(users)}")
+        self._replace(volumes=tuple(v for v in self.stack.volumes if v != action.name))
+
+    # -- running plans ---------------------------------------------------------------------
+
+    def run(self, plan: Plan | Iterable[Step], rng: random.Random | None = None) -> Execution:
+        """Execute steps, each only after every step in its `after` succeeded.
+
+        Without `rng` the first ready step (in plan order) runs next; with it, any ready
+        step may, so only `after` orders the steps. Raises AssertionError on a malformed
+        plan: duplicate keys, `after` naming a key the plan lacks, or a cycle.
+        """
+        steps = list(plan.steps if isinstance(plan, Plan) else plan)
+        keys = [s.key for s in steps]
+        assert len(set(keys)) == len(keys), f"duplicate step keys: {keys}"
+        for s in steps:
+            unknown = set(s.after) - set(keys)
+            assert not unknown, f"{s.key} waits for steps not in the plan: {sorted(unknown)}"
+        result = Execution()
+        done: set[str] = set()
+        pending = list(steps)
+        while pending:
+            dead = set(result.failed) | set(result.skipped)
+            blocked = [s for s in pending if dead.intersection(s.after)]
+            if blocked:
+                for s in blocked:
+                    pending.remove(s)
+                    result.skipped.append(s.key)
+                continue
+            ready = [s for s in pending if done.issuperset(s.after)]
+            assert ready, f"steps wait for each other: {[s.key for s in pending]}"
+            step = ready[0] if rng is None else rng.choice(ready)
+            pending.remove(step)
+            try:
+                self.apply(step.action)
+            except WorldError as exc:
+                result.failed[step.key] = exc.reason
+            else:
+                done.add(step.key)
+                result.order.append(step.key)
+        return result
+
+
+__all__ = [
+    "Execution",
+    "FakeWorld",
+    "WorldError",
+    "converged",
+    "make_pod",
+]
