@@ -96,4 +96,3 @@ def podman_env(podman_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def stack_name() -> str:
     """A stack name no other test (or earlier run) uses, so tests never collide in podman."""
     return f"t{uuid.uuid4().hex[:8]}"
-

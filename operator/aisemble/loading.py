@@ -171,19 +171,30 @@ def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]
         line = node.start_mark.line + 1
         if not isinstance(data, dict):
             problems.append(
-                Problem(source, "a document must be a mapping with apiVersion and kind",
-                        document=index, line=line)
+                Problem(
+                    source,
+                    "a document must be a mapping with apiVersion and kind",
+                    document=index,
+                    line=line,
+                )
             )
             continue
         problems.extend(_duplicate_keys(node, source, index))
         kind, api_version = data.get("kind"), data.get("apiVersion")
-        name = (data.get("metadata") or {}).get("name", "?") if isinstance(
-            data.get("metadata"), dict | None) else "?"
+        name = (
+            (data.get("metadata") or {}).get("name", "?")
+            if isinstance(data.get("metadata"), dict | None)
+            else "?"
+        )
         if not kind or not api_version:
             missing = "kind" if not kind else "apiVersion"
             problems.append(
-                Problem(source, f"missing {missing}: every document needs apiVersion and kind",
-                        document=index, line=line)
+                Problem(
+                    source,
+                    f"missing {missing}: every document needs apiVersion and kind",
+                    document=index,
+                    line=line,
+                )
             )
             continue
         if kind != KIND:
@@ -195,8 +206,14 @@ def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]
             else:
                 message = f"kind {KIND} belongs to {API_VERSION}, not {api_version}"
             problems.append(
-                Problem(source, message, document=index, resource=f"{KIND} {name}",
-                        path="apiVersion", line=_line_of(node, ("apiVersion",)))
+                Problem(
+                    source,
+                    message,
+                    document=index,
+                    resource=f"{KIND} {name}",
+                    path="apiVersion",
+                    line=_line_of(node, ("apiVersion",)),
+                )
             )
             continue
         try:
@@ -220,16 +237,26 @@ def _documents(source: str, text: str) -> Iterator[tuple[int, Any, Any, Problem 
                 data = loader.construct_document(node)
             except yaml.MarkedYAMLError as exc:
                 mark = exc.problem_mark or exc.context_mark
-                yield index or 1, None, None, Problem(
-                    source,
-                    f"invalid YAML: {exc.problem or exc}",
-                    document=index or 1,
-                    line=mark.line + 1 if mark else None,
-                    column=mark.column + 1 if mark else None,
+                yield (
+                    index or 1,
+                    None,
+                    None,
+                    Problem(
+                        source,
+                        f"invalid YAML: {exc.problem or exc}",
+                        document=index or 1,
+                        line=mark.line + 1 if mark else None,
+                        column=mark.column + 1 if mark else None,
+                    ),
                 )
                 return
             except yaml.YAMLError as exc:
-                yield index or 1, None, None, Problem(source, f"invalid YAML: {exc}", document=index)
+                yield (
+                    index or 1,
+                    None,
+                    None,
+                    Problem(source, f"invalid YAML: {exc}", document=index),
+                )
                 return
             yield index, node, data, None
     finally:
@@ -246,8 +273,13 @@ def _duplicate_keys(node: Any, source: str, index: int, path: str = "") -> list[
             child = f"{path}.{name}" if path else name
             if name in seen:
                 found.append(
-                    Problem(source, f"duplicate key {name!r}", document=index, path=child,
-                            line=key.start_mark.line + 1)
+                    Problem(
+                        source,
+                        f"duplicate key {name!r}",
+                        document=index,
+                        path=child,
+                        line=key.start_mark.line + 1,
+                    )
                 )
             seen.add(name)
             found.extend(_duplicate_keys(value, source, index, child))
@@ -270,8 +302,15 @@ def _explain(
             message = cause.message
         line, column = _position(node, loc)
         problems.append(
-            Problem(source, message, document=index, resource=resource,
-                    path=format_path(loc), line=line, column=column)
+            Problem(
+                source,
+                message,
+                document=index,
+                resource=resource,
+                path=format_path(loc),
+                line=line,
+                column=column,
+            )
         )
     return problems
 
@@ -346,7 +385,9 @@ def _position(node: Any, loc: tuple) -> tuple[int | None, int | None]:
                     break
             else:
                 break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
             node = node.value[part]
             mark = node.start_mark
         else:

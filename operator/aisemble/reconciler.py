@@ -181,11 +181,16 @@ class Reconciler:
         outcomes[outcome.step.key] = outcome
         action = outcome.step.action
         if outcome.ok:
-            self.store.record_event(outcome.key, _event_reason(action), action.describe(), now=self.clock())
+            self.store.record_event(
+                outcome.key, _event_reason(action), action.describe(), now=self.clock()
+            )
         else:
             self.store.record_event(
-                outcome.key, "Failed" if not outcome.skipped else "Skipped", outcome.describe(),
-                type_="Warning", now=self.clock(),
+                outcome.key,
+                "Failed" if not outcome.skipped else "Skipped",
+                outcome.describe(),
+                type_="Warning",
+                now=self.clock(),
             )
         if self.progress is not None:
             self.progress(outcome)
@@ -196,10 +201,16 @@ class Reconciler:
         if old is not None and old.phase == new.phase:
             return
         ready = new.condition("Ready")
-        message = f"phase {new.phase.value}" + (f": {ready.message}" if ready and ready.message else "")
+        message = f"phase {new.phase.value}" + (
+            f": {ready.message}" if ready and ready.message else ""
+        )
         warning = new.phase.value in ("Degraded", "Failed")
         self.store.record_event(
-            key, new.phase.value, message, type_="Warning" if warning else "Normal", now=self.clock()
+            key,
+            new.phase.value,
+            message,
+            type_="Warning" if warning else "Normal",
+            now=self.clock(),
         )
 
 

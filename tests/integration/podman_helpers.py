@@ -13,7 +13,6 @@ from typing import Any
 
 import podman
 import yaml
-
 from aisemble.cli.main import main
 from aisemble.model import StackKey
 from aisemble.sources.store import Store
@@ -119,7 +118,13 @@ def stack(name: str, services: list[dict[str, Any]], **spec: Any) -> dict[str, A
 
 
 def service(name: str, **fields: Any) -> dict[str, Any]:
-    return {"name": name, "image": TINY, "command": IDLE, "terminationGracePeriodSeconds": 1, **fields}
+    return {
+        "name": name,
+        "image": TINY,
+        "command": IDLE,
+        "terminationGracePeriodSeconds": 1,
+        **fields,
+    }
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:

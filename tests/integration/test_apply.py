@@ -13,8 +13,12 @@ def _web(port: int = 8080) -> dict:
     return service(
         "web",
         port=port,
-        command=["sh", "-c", f"trap 'exit 0' TERM; echo hello-from-web > /tmp/index.html; "
-                 f"httpd -f -p {port} -h /tmp & wait"],
+        command=[
+            "sh",
+            "-c",
+            f"trap 'exit 0' TERM; echo hello-from-web > /tmp/index.html; "
+            f"httpd -f -p {port} -h /tmp & wait",
+        ],
     )
 
 
@@ -28,8 +32,9 @@ class TestConverge:
         assert f"default/{stack_name}: Ready (2/2 services)" in result.out
 
         pods = env.pods(stack_name)
-        assert sorted((p["Labels"]["aisemble.io/service"], p["Labels"]["aisemble.io/replica"])
-                      for p in pods) == [("web", "0"), ("worker", "0"), ("worker", "1")]
+        assert sorted(
+            (p["Labels"]["aisemble.io/service"], p["Labels"]["aisemble.io/replica"]) for p in pods
+        ) == [("web", "0"), ("worker", "0"), ("worker", "1")]
         for pod in pods:
             labels = pod["Labels"]
             assert labels["aisemble.io/managed-by"] == "aisemble"
@@ -49,15 +54,28 @@ class TestConverge:
             "s.yaml",
             stack(
                 stack_name,
-                [_web(8080), service("api", port=9000, command=[
-                    "sh", "-c", "trap 'exit 0' TERM; echo api > /tmp/i.html; httpd -f -p 9000 -h /tmp & wait"]),
-                 service("client")],
+                [
+                    _web(8080),
+                    service(
+                        "api",
+                        port=9000,
+                        command=[
+                            "sh",
+                            "-c",
+                            "trap 'exit 0' TERM; echo api > /tmp/i.html; httpd -f -p 9000 -h /tmp & wait",
+                        ],
+                    ),
+                    service("client"),
+                ],
                 expose=[{"service": "web", "hostPort": host_port}],
             ),
         )
         assert env.cli("apply", "-f", path).code == 0
-        client = next(c["Names"][0] for c in env.containers(stack_name)
-                      if c["Labels"]["aisemble.io/service"] == "client")
+        client = next(
+            c["Names"][0]
+            for c in env.containers(stack_name)
+            if c["Labels"]["aisemble.io/service"] == "client"
+        )
         code, out = env.exec(client, "wget", "-q", "-O", "-", "http://web:8080/index.html")
         assert code == 0 and "hello-from-web" in out
         code, out = env.exec(client, "wget", "-q", "-O", "-", "http://api-0:9000/i.html")
@@ -68,10 +86,13 @@ class TestConverge:
         ports = _host_ports(env, stack_name)
         assert ports == {("web", host_port)}
 
-    def test_get_and_describe_show_status_rebuilt_from_podman(self, env: Env, stack_name: str) -> None:
+    def test_get_and_describe_show_status_rebuilt_from_podman(
+        self, env: Env, stack_name: str
+    ) -> None:
         host_port = free_port()
         path = env.write(
-            "s.yaml", stack(stack_name, [_web()], expose=[{"service": "web", "hostPort": host_port}])
+            "s.yaml",
+            stack(stack_name, [_web()], expose=[{"service": "web", "hostPort": host_port}]),
         )
         assert env.cli("apply", "-f", path).code == 0
 
@@ -106,7 +127,9 @@ class TestConverge:
 
 
 class TestChanges:
-    def test_changed_spec_recreates_only_the_changed_service(self, env: Env, stack_name: str) -> None:
+    def test_changed_spec_recreates_only_the_changed_service(
+        self, env: Env, stack_name: str
+    ) -> None:
         services = [service("a"), service("b")]
         assert env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, services))).code == 0
         before = {p["Labels"]["aisemble.io/service"]: p["Id"] for p in env.pods(stack_name)}
@@ -158,8 +181,12 @@ class TestDelete:
     ) -> None:
         writer = service(
             "db",
-            command=["sh", "-c", "trap 'exit 0' TERM; [ -f /data/born ] || date > /data/born; "
-                     "while true; do sleep 1 & wait $!; done"],
+            command=[
+                "sh",
+                "-c",
+                "trap 'exit 0' TERM; [ -f /data/born ] || date > /data/born; "
+                "while true; do sleep 1 & wait $!; done",
+            ],
             volumeMounts=[{"volume": "data", "mountPath": "/data"}],
         )
         path = env.write("s.yaml", stack(stack_name, [writer], volumes=[{"name": "data"}]))
@@ -182,7 +209,9 @@ class TestDelete:
         assert env.volumes(stack_name) == []
 
     def test_objects_without_our_labels_are_never_touched(self, env: Env, stack_name: str) -> None:
-        foreign = env.client.pods.create(f"{stack_name}-a-foreign", labels={"aisemble.io/stack": stack_name})
+        foreign = env.client.pods.create(
+            f"{stack_name}-a-foreign", labels={"aisemble.io/stack": stack_name}
+        )
         try:
             path = env.write("s.yaml", stack(stack_name, [service("a")]))
             assert env.cli("apply", "-f", path).code == 0
@@ -211,8 +240,11 @@ class TestBadInput:
         assert "skipped Pod 'plain'" in result.err
 
     def test_missing_image_fails_only_that_service(self, env: Env, stack_name: str) -> None:
-        services = [service("ok"), service("ghost", image="localhost/does-not-exist:1"),
-                    service("needs-ghost", dependsOn=["ghost"])]
+        services = [
+            service("ok"),
+            service("ghost", image="localhost/does-not-exist:1"),
+            service("needs-ghost", dependsOn=["ghost"]),
+        ]
         result = env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, services)))
         assert result.code == 1
         assert "ImageNotFound" in result.err and "localhost/does-not-exist:1" in result.err
@@ -228,14 +260,22 @@ class TestBadInput:
         port = free_port()
         first = stack(stack_name, [_web()], expose=[{"service": "web", "hostPort": port}])
         assert env.cli("apply", "-f", env.write("a.yaml", first)).code == 0
-        second = stack(stack_name + "b", [_web()],
-                       expose=[{"service": "web", "hostPort": port, "hostIP": "0.0.0.0"}])
+        second = stack(
+            stack_name + "b",
+            [_web()],
+            expose=[{"service": "web", "hostPort": port, "hostIP": "0.0.0.0"}],
+        )
         result = env.cli("apply", "-f", env.write("b.yaml", second))
         assert result.code == 1
-        assert f"host port {port}/tcp" in result.err and f"stored stack default/{stack_name}" in result.err
+        assert (
+            f"host port {port}/tcp" in result.err
+            and f"stored stack default/{stack_name}" in result.err
+        )
         assert env.pods(stack_name + "b") == []
 
-    def test_unreachable_podman_changes_nothing(self, env: Env, stack_name: str, monkeypatch) -> None:
+    def test_unreachable_podman_changes_nothing(
+        self, env: Env, stack_name: str, monkeypatch
+    ) -> None:
         monkeypatch.setenv("CONTAINER_HOST", f"unix://{env.tmp}/nobody-listens.sock")
         result = env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")])))
         assert result.code == 1
@@ -260,9 +300,10 @@ class TestOrdering:
 
 def _host_ports(env: Env, stack_name: str) -> set[tuple[str, int]]:
     found = set()
-    for c in env.client.containers.list(all=True, filters={"label": f"aisemble.io/stack={stack_name}"}):
+    for c in env.client.containers.list(
+        all=True, filters={"label": f"aisemble.io/stack={stack_name}"}
+    ):
         if c.attrs.get("IsInfra"):
             for port in c.attrs.get("Ports") or []:
                 found.add((c.attrs["Labels"]["aisemble.io/service"], port["host_port"]))
     return found
-

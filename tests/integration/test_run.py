@@ -11,9 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from podman_helpers import Env, eventually, service, stack
-
 from aisemble.model import StackKey
+from podman_helpers import Env, eventually, service, stack
 
 
 class Loop:
@@ -85,7 +84,9 @@ class TestDirectorySource:
 
         # An invalid file changes nothing; fixing it resumes.
         seen = len(loop.lines)
-        (directory / "b.yaml").write_text("apiVersion: aisemble.io/v1alpha1\nkind: AISemble\nspec: [\n")
+        (directory / "b.yaml").write_text(
+            "apiVersion: aisemble.io/v1alpha1\nkind: AISemble\nspec: [\n"
+        )
         (directory / "a.yaml").write_text(yaml.safe_dump(stack(stack_name, [service("one")])))
         eventually(lambda: loop.logged("b.yaml: document 1", after=seen))
         assert loop.logged("nothing applied", after=seen)
@@ -114,7 +115,9 @@ class TestDirectorySource:
 
 class TestStoreLoop:
     def test_run_repairs_a_pod_removed_by_hand(self, env: Env, stack_name: str, run_loop) -> None:
-        assert env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        assert (
+            env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        )
         pod = env.pods(stack_name)[0]
         run_loop("--resync", "1s")
         env.client.pods.remove(pod["Id"], force=True)
@@ -139,7 +142,9 @@ class TestStoreLoop:
         assert len(env.pods(stack_name)) == 1
 
     def test_orphans_of_this_store_are_removed(self, env: Env, stack_name: str) -> None:
-        assert env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        assert (
+            env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        )
         store = env.store
         with store._transaction() as db:  # a stack the store forgot (e.g. restored from backup)
             db.execute("DELETE FROM stacks WHERE name=?", (stack_name,))
@@ -186,8 +191,9 @@ class TestCrashSafety:
         result = env.cli("apply", "-f", path)
         assert result.code == 0, result.text
         pods = env.pods(stack_name)
-        slots = [(p["Labels"]["aisemble.io/service"], p["Labels"]["aisemble.io/replica"]) for p in pods]
+        slots = [
+            (p["Labels"]["aisemble.io/service"], p["Labels"]["aisemble.io/replica"]) for p in pods
+        ]
         assert len(slots) == len(set(slots)) == 12
         assert all(p["Status"] == "Running" for p in pods)
         assert len(env.networks(stack_name)) == 1
-

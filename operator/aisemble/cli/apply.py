@@ -12,7 +12,7 @@ import yaml
 
 from aisemble.cli.printing import error, note
 from aisemble.cli.session import Session
-from aisemble.loading import Manifests, ManifestError, load_paths
+from aisemble.loading import ManifestError, Manifests, load_paths
 from aisemble.model import AISemble, Phase, StackKey
 from aisemble.planning.desired import render
 from aisemble.planning.planner import plan
@@ -38,9 +38,13 @@ class ProgressPrinter:
         if status is None:
             return
         waiting = [
-            f"{s.name}: {s.message}" for s in status.services if s.message and s.reason != "Updating"
+            f"{s.name}: {s.message}"
+            for s in status.services
+            if s.message and s.reason != "Updating"
         ]
-        summary = f"{status.phase.value} {status.ready}" + (f" ({'; '.join(waiting)})" if waiting else "")
+        summary = f"{status.phase.value} {status.ready}" + (
+            f" ({'; '.join(waiting)})" if waiting else ""
+        )
         if self.seen.get(report.key) != summary:
             self.seen[report.key] = summary
             self._print(f"  {report.key}: {summary}")
@@ -109,8 +113,10 @@ def _summarize(
             for endpoint in status.endpoints:
                 print(f"  {endpoint.service}: {endpoint.url}")
         elif not waited and status.phase in (Phase.PROGRESSING, Phase.PENDING):
-            print(f"{key}: {status.phase.value} ({status.ready} services); not waiting "
-                  f"(follow with: aisemble get {key.name} -n {key.namespace})")
+            print(
+                f"{key}: {status.phase.value} ({status.ready} services); not waiting "
+                f"(follow with: aisemble get {key.name} -n {key.namespace})"
+            )
         else:
             code = 1
             if status.phase in (Phase.DEGRADED, Phase.FAILED):
@@ -145,7 +151,9 @@ def _print_plans(resources: list[AISemble], session: Session, prefix: str) -> tu
         return 0, 0
     total = 0
     for resource in resources:
-        p = plan(render(resource, session.store.owner), observed.stack(resource.key), observed.has_image)
+        p = plan(
+            render(resource, session.store.owner), observed.stack(resource.key), observed.has_image
+        )
         for step in p.steps:
             print(f"  {resource.key}: {prefix}{step.action.describe()}")
         for service, (reason, message) in sorted(p.held.items()):
@@ -216,9 +224,13 @@ def cmd_delete(args: argparse.Namespace, session: Session) -> int:
         if report is not None and report.forgotten:
             print(change)
             if volumes.get(change.key) and not args.purge_volumes:
-                note(f"  volumes of {change.key} are kept; delete with --purge-volumes to remove them")
+                note(
+                    f"  volumes of {change.key} are kept; delete with --purge-volumes to remove them"
+                )
         else:
-            error(f"{change.key}: deletion is not finished; it continues on the next pass "
-                  "(aisemble run, or run this delete again)")
+            error(
+                f"{change.key}: deletion is not finished; it continues on the next pass "
+                "(aisemble run, or run this delete again)"
+            )
             code = 1
     return code

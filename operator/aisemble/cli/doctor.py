@@ -32,7 +32,10 @@ def cmd_doctor(args: argparse.Namespace, session: Session | None) -> int:
         print(f"[  ok] state: {session.store.path} (owner id {session.store.owner})")
     failed = [c for c in checks if not c.ok and not c.warning]
     if failed:
-        print(f"{len(failed)} check(s) failed" + ("" if args.fix else "; `aisemble doctor --fix` mends what it can"))
+        print(
+            f"{len(failed)} check(s) failed"
+            + ("" if args.fix else "; `aisemble doctor --fix` mends what it can")
+        )
         return 1
     print("all checks passed")
     return 0

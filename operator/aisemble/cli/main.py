@@ -32,27 +32,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run stacks of AI services on this Podman host, declaratively.",
     )
     parser.add_argument("--version", action="version", version=f"aisemble {__version__}")
-    parser.add_argument("--state-dir", help="where the store lives (default: $AISEMBLE_STATE_DIR, "
-                        "/var/lib/aisemble as root, ~/.local/share/aisemble otherwise)")
+    parser.add_argument(
+        "--state-dir",
+        help="where the store lives (default: $AISEMBLE_STATE_DIR, "
+        "/var/lib/aisemble as root, ~/.local/share/aisemble otherwise)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def files(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument("-f", "--filename", action="append", required=required, default=[] if not required else None,
-                       metavar="PATH", help="YAML file or directory (repeatable; - for stdin)")
+        p.add_argument(
+            "-f",
+            "--filename",
+            action="append",
+            required=required,
+            default=[] if not required else None,
+            metavar="PATH",
+            help="YAML file or directory (repeatable; - for stdin)",
+        )
         p.add_argument("-R", "--recursive", action="store_true", help="descend into directories")
 
     def waiting(p: argparse.ArgumentParser, default_timeout: str) -> None:
-        p.add_argument("--wait", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
-                       help="wait until converged (default true; --wait=false returns after one pass)")
-        p.add_argument("--timeout", type=_duration, default=parse_duration(default_timeout),
-                       help=f"how long to wait (default {default_timeout}; e.g. 90s, 5m)")
+        p.add_argument(
+            "--wait",
+            type=_bool,
+            nargs="?",
+            const=True,
+            default=True,
+            metavar="BOOL",
+            help="wait until converged (default true; --wait=false returns after one pass)",
+        )
+        p.add_argument(
+            "--timeout",
+            type=_duration,
+            default=parse_duration(default_timeout),
+            help=f"how long to wait (default {default_timeout}; e.g. 90s, 5m)",
+        )
 
     p = sub.add_parser("apply", help="store stacks from YAML and converge to them")
     files(p, required=True)
     waiting(p, "5m")
-    p.add_argument("--dry-run", action="store_true", help="validate and show what would change; change nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and show what would change; change nothing"
+    )
 
     p = sub.add_parser("diff", help="show what apply would change (exit 0: nothing, 1: changes)")
     files(p, required=True)
@@ -62,15 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default=None)
     files(p, required=False)
     waiting(p, "2m")
-    p.add_argument("--purge-volumes", action="store_true", help="also remove the stacks' volumes and their data")
+    p.add_argument(
+        "--purge-volumes",
+        action="store_true",
+        help="also remove the stacks' volumes and their data",
+    )
 
-    for name, helptext in (("get", "list stacks, or show one"), ("describe", "show a stack in detail")):
+    for name, helptext in (
+        ("get", "list stacks, or show one"),
+        ("describe", "show a stack in detail"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("name", nargs="?", metavar="NAME")
         p.add_argument("-n", "--namespace", default=None)
         p.add_argument("-A", "--all-namespaces", action="store_true")
         if name == "get":
-            p.add_argument("-o", "--output", choices=["table", "wide", "yaml", "json", "name"], default="table")
+            p.add_argument(
+                "-o", "--output", choices=["table", "wide", "yaml", "json", "name"], default="table"
+            )
         else:
             p.add_argument("--events", type=int, default=10, help="recent events to show")
 
@@ -80,9 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
 
     p = sub.add_parser("run", help="keep reconciling: the operator loop")
-    p.add_argument("--source", action="append", metavar="SRC",
-                   help="`store` (what apply stored; the default) or a directory of YAML files; repeatable")
-    p.add_argument("--resync", type=_duration, default=30.0, help="full resync period (default 30s)")
+    p.add_argument(
+        "--source",
+        action="append",
+        metavar="SRC",
+        help="`store` (what apply stored; the default) or a directory of YAML files; repeatable",
+    )
+    p.add_argument(
+        "--resync", type=_duration, default=30.0, help="full resync period (default 30s)"
+    )
     p.add_argument("--once", action="store_true", help="one pass over everything, then exit")
 
     p = sub.add_parser("doctor", help="check the host; print a fix for each failure")
@@ -126,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("hint: `aisemble doctor` checks podman and says how to fix it\n")
         return 1
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; what was stored stays stored, run the command again to continue\n")
+        sys.stderr.write(
+            "interrupted; what was stored stays stored, run the command again to continue\n"
+        )
         return 130
     finally:
         session.close()

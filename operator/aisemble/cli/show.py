@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from aisemble.cli.printing import age, dump, error, note, table
 from aisemble.cli.session import Session
-from aisemble.model import KIND, PLURAL, GROUP, StackKey
+from aisemble.model import GROUP, KIND, PLURAL, StackKey
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.sources.store import StoredStack
 
@@ -87,7 +87,9 @@ def cmd_describe(args: argparse.Namespace, session: Session) -> int:
     print(f"Source:       {stack.source}")
     print(f"Generation:   {stack.generation} (observed: {observed_gen or '-'})")
     print(f"Created:      {stack.created.isoformat()} ({age(stack.created, now)} ago)")
-    print(f"Phase:        {_phase(stack)}" + (f" ({status.ready} services ready)" if status else ""))
+    print(
+        f"Phase:        {_phase(stack)}" + (f" ({status.ready} services ready)" if status else "")
+    )
     if stack.resource.spec.suspend:
         print("Suspended:    true (nothing is changed or repaired)")
     if status and status.endpoints:

@@ -131,7 +131,9 @@ def crd() -> dict[str, Any]:
     }
 
 
-HEADER = "# Generated from operator/aisemble/model by `python -m aisemble.model.crd`. Do not edit.\n"
+HEADER = (
+    "# Generated from operator/aisemble/model by `python -m aisemble.model.crd`. Do not edit.\n"
+)
 
 
 def render() -> str:

@@ -47,9 +47,7 @@ def parse_memory(value: str) -> int:
     elif suffix in _DECIMAL:
         size = number * _DECIMAL[suffix]
     else:
-        raise ValueError(
-            f"{value!r}: unknown suffix {suffix!r}; use Ki, Mi, Gi, Ti or k, M, G, T"
-        )
+        raise ValueError(f"{value!r}: unknown suffix {suffix!r}; use Ki, Mi, Gi, Ti or k, M, G, T")
     if size < 6 * 2**20:
         raise ValueError(f"{value!r}: podman needs at least 6Mi of memory for a container")
     return int(size)

@@ -107,9 +107,7 @@ class Service(StrictModel):
         None, description="Replaces the image's default arguments (CMD)."
     )
     env: list[EnvVar] = Field(default_factory=list, description="Environment variables.")
-    port: Port | None = Field(
-        None, description="The port the service listens on inside its pod."
-    )
+    port: Port | None = Field(None, description="The port the service listens on inside its pod.")
     replicas: int = Field(1, ge=0, le=64, description="Number of pods to run for this service.")
     resources: Resources = Field(
         default_factory=Resources, description="CPU, memory and GPU limits."
@@ -211,7 +209,9 @@ class AISembleSpec(StrictModel):
                         f"unknown service {dep!r}; the stack has: {', '.join(names)}",
                     )
                 if dep == svc.name:
-                    raise SpecError(f"services[{i}].dependsOn[{j}]", "a service cannot depend on itself")
+                    raise SpecError(
+                        f"services[{i}].dependsOn[{j}]", "a service cannot depend on itself"
+                    )
             for j, mount in enumerate(svc.volumeMounts):
                 if mount.volume not in volumes:
                     known = ", ".join(sorted(volumes)) or "none declared"
@@ -280,7 +280,7 @@ def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in graph.get(node, []):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:

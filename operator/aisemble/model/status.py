@@ -68,7 +68,9 @@ class AISembleStatus(StatusModel):
     observedGeneration: int | None = Field(
         None, description="The spec generation the status describes."
     )
-    phase: Phase = Field(Phase.PENDING, description="Summary: " + ", ".join(p.value for p in Phase) + ".")
+    phase: Phase = Field(
+        Phase.PENDING, description="Summary: " + ", ".join(p.value for p in Phase) + "."
+    )
     ready: str = Field("0/0", description="Services ready out of services desired, e.g. `4/5`.")
     conditions: list[Condition] = Field(
         default_factory=list,

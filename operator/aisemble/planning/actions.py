@@ -116,7 +116,9 @@ class RemoveVolume:
         return f"remove volume {self.name} (purge requested)"
 
 
-Action = CreateNetwork | CreateVolume | CreatePod | StartPod | RemovePod | RemoveNetwork | RemoveVolume
+Action = (
+    CreateNetwork | CreateVolume | CreatePod | StartPod | RemovePod | RemoveNetwork | RemoveVolume
+)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,11 @@ class _Planner:
         for template in self.desired.templates(service):
             pods = slots.get((service, template.replica), [])
             keep = next(
-                (p for p in pods if p.name == template.pod_name and p.spec_hash == template.spec_hash),
+                (
+                    p
+                    for p in pods
+                    if p.name == template.pod_name and p.spec_hash == template.spec_hash
+                ),
                 None,
             )
             removals = [self._remove(p, "spec changed") for p in pods if p is not keep]
@@ -173,7 +177,9 @@ class _Planner:
                 step = Step(CreatePod(self.key, template), _unique(after))
             elif not pod.running:
                 state = pod.main.state if pod.main else "missing"
-                step = Step(StartPod(self.key, service, pod.name, f"was {state}"), _unique(after_deps))
+                step = Step(
+                    StartPod(self.key, service, pod.name, f"was {state}"), _unique(after_deps)
+                )
             else:
                 continue
             self.steps.append(step)
@@ -195,7 +201,9 @@ class _Planner:
         return [
             step.key
             for step, pod in self.removals
-            if any(host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports)
+            if any(
+                host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports
+            )
         ]
 
 

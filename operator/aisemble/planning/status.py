@@ -17,7 +17,14 @@ from aisemble.planning.observed import ObservedStack
 from aisemble.planning.planner import IMAGE_NOT_FOUND, WAITING_FOR_DEPENDENCY
 
 # Reasons that will not go away by waiting: a person must change something.
-FAILURE_REASONS = {IMAGE_NOT_FOUND, "CreateFailed", "StartFailed", "PortInUse", "NameConflict", "ContainerExited"}
+FAILURE_REASONS = {
+    IMAGE_NOT_FOUND,
+    "CreateFailed",
+    "StartFailed",
+    "PortInUse",
+    "NameConflict",
+    "ContainerExited",
+}
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,9 @@ def fold(
     now: datetime,
     previous: AISembleStatus | None = None,
 ) -> AISembleStatus:
-    services = [_service_status(resource, desired, observed, result, name) for name in _names(resource)]
+    services = [
+        _service_status(resource, desired, observed, result, name) for name in _names(resource)
+    ]
     ready = [s for s in services if s.readyReplicas >= s.desiredReplicas and not s.reason]
     failed = [s for s in services if s.reason in FAILURE_REASONS]
     waiting = [s for s in services if s.reason == WAITING_FOR_DEPENDENCY]
@@ -64,8 +73,11 @@ def fold(
     ]
     ready_names = {s.name for s in ready}
     endpoints = [
-        Endpoint(service=e.service, url=_url(e.hostIP, e.hostPort, e.protocol),
-                 ready=e.service in ready_names)
+        Endpoint(
+            service=e.service,
+            url=_url(e.hostIP, e.hostPort, e.protocol),
+            ready=e.service in ready_names,
+        )
         for e in resource.spec.expose
     ]
     return AISembleStatus(
@@ -181,7 +193,9 @@ def _conditions(
             "Suspended",
             phase == Phase.SUSPENDED,
             "SpecSuspended" if phase == Phase.SUSPENDED else "Active",
-            "spec.suspend is true: nothing is changed or repaired" if phase == Phase.SUSPENDED else "",
+            "spec.suspend is true: nothing is changed or repaired"
+            if phase == Phase.SUSPENDED
+            else "",
         ),
     ]
     return conditions

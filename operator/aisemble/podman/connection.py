@@ -112,7 +112,9 @@ def _private_service() -> Iterator[tuple[str, subprocess.Popen]]:
         deadline = time.monotonic() + START_TIMEOUT
         while not answers(url, timeout=1.0):
             if process.poll() is not None:
-                err = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+                err = (
+                    process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+                )
                 raise PodmanUnavailable(
                     f"podman system service exited with code {process.returncode}: {err}; "
                     "run `aisemble doctor` to find out why"

@@ -104,7 +104,9 @@ class PodmanDriver:
         ports: set[tuple[str, int, str]] = set()
         for c in containers:
             for p in c.get("Ports") or []:
-                ports.add((p.get("host_ip") or "0.0.0.0", int(p["host_port"]), p.get("protocol", "tcp")))
+                ports.add(
+                    (p.get("host_ip") or "0.0.0.0", int(p["host_port"]), p.get("protocol", "tcp"))
+                )
             names = c.get("Names") or []
             if c.get("IsInfra") or main_name not in names:
                 continue
@@ -116,7 +118,9 @@ class PodmanDriver:
                 exit_code=int(c.get("ExitCode") or 0),
                 image=c.get("Image", ""),
                 labels=c.get("Labels") or {},
-                started_at=datetime.fromtimestamp(started, UTC) if started and started > 0 else None,
+                started_at=datetime.fromtimestamp(started, UTC)
+                if started and started > 0
+                else None,
             )
         return ObservedPod(
             id=attrs["Id"],
@@ -158,7 +162,9 @@ class PodmanDriver:
             self.client.networks.create(action.name, labels=action.labels, dns_enabled=True)
         except APIError as exc:
             if exc.status_code == 409:
-                self._require_ours("network", self.client.networks.get(action.name).attrs.get("labels"))
+                self._require_ours(
+                    "network", self.client.networks.get(action.name).attrs.get("labels")
+                )
                 return
             raise
 
@@ -227,7 +233,9 @@ class PodmanDriver:
     def _require_ours(self, what: str, labels: dict[str, str] | None) -> None:
         owner = (labels or {}).get(naming.OWNER)
         if owner != self.owner:
-            who = f"another AI-semble store ({owner})" if owner else "something other than AI-semble"
+            who = (
+                f"another AI-semble store ({owner})" if owner else "something other than AI-semble"
+            )
             raise ActionFailed(
                 "NameConflict",
                 f"the {what} already exists and belongs to {who}; remove it or rename the stack",

@@ -57,10 +57,16 @@ def check_installed() -> Check:
     version = proc.stdout.strip()
     parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
     if proc.returncode != 0 or len(parts) < 2:
-        return Check("podman installed", False, f"`podman version` failed: {proc.stderr.strip()}",
-                     install_hint())
+        return Check(
+            "podman installed",
+            False,
+            f"`podman version` failed: {proc.stderr.strip()}",
+            install_hint(),
+        )
     if parts < MIN_VERSION:
-        return Check("podman installed", False, f"podman {version} is older than 4.3", install_hint())
+        return Check(
+            "podman installed", False, f"podman {version} is older than 4.3", install_hint()
+        )
     return Check("podman installed", True, f"podman {version} ({path})")
 
 
@@ -76,8 +82,12 @@ def _write_drop_in(runtime: str | None = None, ulimits: bool = False) -> str:
     path = conf_drop_in_dir() / DROP_IN_NAME
     current = path.read_text() if path.exists() else ""
     has_ulimits = "default_ulimits" in current or ulimits
-    has_runtime = runtime or (m.group(1) if (m := re.search(r'runtime = "(\w+)"', current)) else None)
-    lines = ["# Written by `aisemble doctor --fix`: the smallest changes that make podman work here."]
+    has_runtime = runtime or (
+        m.group(1) if (m := re.search(r'runtime = "(\w+)"', current)) else None
+    )
+    lines = [
+        "# Written by `aisemble doctor --fix`: the smallest changes that make podman work here."
+    ]
     if has_ulimits:
         lines += [
             "[containers]",
@@ -85,7 +95,11 @@ def _write_drop_in(runtime: str | None = None, ulimits: bool = False) -> str:
             'default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]',
         ]
     if has_runtime:
-        lines += ["[engine]", "# crun cannot run containers on this host's cgroups", f'runtime = "{has_runtime}"']
+        lines += [
+            "[engine]",
+            "# crun cannot run containers on this host's cgroups",
+            f'runtime = "{has_runtime}"',
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return f"wrote {path}"
@@ -97,8 +111,12 @@ def check_containers_run() -> Check:
     create = _podman("pod", "create", "--name", name, "--label", "aisemble.io/doctor=true")
     try:
         if create.returncode != 0:
-            return Check("containers start", False, f"cannot create a pod: {create.stderr.strip()}",
-                         "run `podman pod create` by hand to see the full error")
+            return Check(
+                "containers start",
+                False,
+                f"cannot create a pod: {create.stderr.strip()}",
+                "run `podman pod create` by hand to see the full error",
+            )
         start = _podman("pod", "start", name)
         if start.returncode == 0:
             return Check("containers start", True, "a test pod started and stopped cleanly")
@@ -106,21 +124,33 @@ def check_containers_run() -> Check:
         if "cgroups in hybrid mode" in err or "hybrid mode" in err:
             runtime = "runc" if shutil.which("runc") else None
             if runtime is None:
-                return Check("containers start", False, f"crun cannot run here: {err}",
-                             "install runc (apt-get install runc), then: aisemble doctor --fix")
+                return Check(
+                    "containers start",
+                    False,
+                    f"crun cannot run here: {err}",
+                    "install runc (apt-get install runc), then: aisemble doctor --fix",
+                )
             return Check(
-                "containers start", False, "crun does not support this host's hybrid cgroups",
+                "containers start",
+                False,
+                "crun does not support this host's hybrid cgroups",
                 f"use runc: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
                 apply_fix=lambda: _write_drop_in(runtime="runc"),
             )
         if "rlimit" in err.lower():
             return Check(
-                "containers start", False, "podman's default ulimits exceed the host's hard limit",
+                "containers start",
+                False,
+                "podman's default ulimits exceed the host's hard limit",
                 f"lower them: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
                 apply_fix=lambda: _write_drop_in(ulimits=True),
             )
-        return Check("containers start", False, f"a test pod failed to start: {err}",
-                     "run `podman pod start` by hand to see the full error")
+        return Check(
+            "containers start",
+            False,
+            f"a test pod failed to start: {err}",
+            "run `podman pod start` by hand to see the full error",
+        )
     finally:
         _podman("pod", "rm", "-f", name, timeout=60)
 
@@ -130,12 +160,17 @@ def check_dns() -> Check:
     backend = proc.stdout.strip() or "unknown"
     aardvark = any(
         Path(p).exists()
-        for p in ("/usr/lib/podman/aardvark-dns", "/usr/libexec/podman/aardvark-dns", "/usr/local/lib/podman/aardvark-dns")
+        for p in (
+            "/usr/lib/podman/aardvark-dns",
+            "/usr/libexec/podman/aardvark-dns",
+            "/usr/local/lib/podman/aardvark-dns",
+        )
     )
     if backend == "netavark" and aardvark:
         return Check("DNS between pods", True, "netavark with aardvark-dns")
     return Check(
-        "DNS between pods", False,
+        "DNS between pods",
+        False,
         f"network backend {backend}{'' if aardvark else ', aardvark-dns missing'}: "
         "services cannot reach each other by name",
         "install netavark and aardvark-dns (apt-get install -y netavark aardvark-dns)",
@@ -147,14 +182,23 @@ def check_rootless() -> Check | None:
         return None
     tun = Path("/dev/net/tun")
     if not os.access(tun, os.R_OK | os.W_OK):
-        return Check("rootless networking", False, f"{tun} is not readable by this user",
-                     f"as root: chmod 666 {tun}")
+        return Check(
+            "rootless networking",
+            False,
+            f"{tun} is not readable by this user",
+            f"as root: chmod 666 {tun}",
+        )
     user = os.environ.get("USER") or str(os.geteuid())
     subuid = Path("/etc/subuid")
-    if not subuid.exists() or not any(line.split(":")[0] in (user, str(os.geteuid()))
-                                      for line in subuid.read_text().splitlines()):
-        return Check("rootless networking", False, f"no /etc/subuid range for {user}",
-                     f"as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}")
+    if not subuid.exists() or not any(
+        line.split(":")[0] in (user, str(os.geteuid())) for line in subuid.read_text().splitlines()
+    ):
+        return Check(
+            "rootless networking",
+            False,
+            f"no /etc/subuid range for {user}",
+            f"as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}",
+        )
     return Check("rootless networking", True, f"{tun} usable, subuid range present")
 
 
@@ -165,7 +209,9 @@ def check_api() -> Check:
             how = "started for this command" if conn.started_here else "already running"
             return Check("podman REST API", True, f"API {version} at {conn.url} ({how})")
     except PodmanUnavailable as exc:
-        return Check("podman REST API", False, str(exc), "run `podman system service` by hand to see why")
+        return Check(
+            "podman REST API", False, str(exc), "run `podman system service` by hand to see why"
+        )
 
 
 def check_systemd() -> Check:
@@ -173,7 +219,8 @@ def check_systemd() -> Check:
     if pid1 == "systemd":
         return Check("systemd", True, "PID 1 is systemd")
     return Check(
-        "systemd", False,
+        "systemd",
+        False,
         f"PID 1 is {pid1}: podman cannot schedule health checks or socket units here",
         "nothing to do: AI-semble starts podman's API for each command itself",
         warning=True,

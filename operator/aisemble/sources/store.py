@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import sqlite3
 import threading
@@ -173,7 +172,11 @@ class Store:
             return rollback.changes
 
     def sync_source(
-        self, source: str, documents: list[Document], prune: bool = True, now: datetime | None = None
+        self,
+        source: str,
+        documents: list[Document],
+        prune: bool = True,
+        now: datetime | None = None,
     ) -> list[Change]:
         """Make `source`'s stacks exactly `documents`: apply them, delete the ones it dropped."""
         now = now or _now()
@@ -307,7 +310,9 @@ class Store:
                 self._mark_deleting(db, key, purge_volumes, now)
         return [Change(k, "deleted") for k in keys]
 
-    def _mark_deleting(self, db: sqlite3.Connection, key: StackKey, purge: bool, now: datetime) -> None:
+    def _mark_deleting(
+        self, db: sqlite3.Connection, key: StackKey, purge: bool, now: datetime
+    ) -> None:
         db.execute(
             "UPDATE stacks SET deleting=1, purge_volumes=MAX(purge_volumes, ?), updated=? "
             "WHERE namespace=? AND name=?",
@@ -318,7 +323,8 @@ class Store:
         """Drop a stack whose teardown finished (only if it is still being deleted)."""
         with self._transaction() as db:
             db.execute(
-                "DELETE FROM stacks WHERE namespace=? AND name=? AND deleting=1", (key.namespace, key.name)
+                "DELETE FROM stacks WHERE namespace=? AND name=? AND deleting=1",
+                (key.namespace, key.name),
             )
 
     def get(self, key: StackKey) -> StoredStack | None:
@@ -361,7 +367,12 @@ class Store:
             return cur.rowcount > 0
 
     def record_event(
-        self, key: StackKey, reason: str, message: str, type_: str = "Normal", now: datetime | None = None
+        self,
+        key: StackKey,
+        reason: str,
+        message: str,
+        type_: str = "Normal",
+        now: datetime | None = None,
     ) -> None:
         with self._transaction() as db:
             db.execute(
@@ -427,7 +438,8 @@ class Store:
 
     def _keys(self, db: sqlite3.Connection, source: str, deleting: bool) -> list[StackKey]:
         rows = db.execute(
-            "SELECT namespace, name FROM stacks WHERE source=? AND deleting=?", (source, int(deleting))
+            "SELECT namespace, name FROM stacks WHERE source=? AND deleting=?",
+            (source, int(deleting)),
         ).fetchall()
         return [StackKey(r[0], r[1]) for r in rows]
 
