@@ -120,8 +120,13 @@ class FakeWorld:
         self.failing = set(failing)
         self.history: list[str] = []  # every key attempted, in order, across runs
         # pod name -> podman volumes it mounts (known for pods this world created or was told)
-        self.mounts: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in (mounts or {}).items()}
+        self.mounts: dict[str, frozenset[str]] = {
+            k: frozenset(v) for k, v in (mounts or {}).items()
+        }
         self._serial = 0
+
+    def __repr__(self) -> str:
+        return f"FakeWorld({self.stack!r}, images={sorted(self.images)!r})"
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -140,7 +145,9 @@ class FakeWorld:
     def apply(self, action: Action) -> None:
         """Carry out one action, replacing `self.stack`; raises WorldError like podman would."""
         if action.stack != self.stack.key:
-            raise AssertionError(f"{action.describe()} targets {action.stack}, not {self.stack.key}")
+            raise AssertionError(
+                f"{action.describe()} targets {action.stack}, not {self.stack.key}"
+            )
         self.history.append(action.key)
         if action.key in self.failing:
             raise WorldError("Injected", f"{action.describe()} fails on purpose")

@@ -97,3 +97,12 @@ def test_schema_accepts_what_the_models_accept_and_keeps_defaults() -> None:
     services = schema["properties"]["spec"]["properties"]["services"]
     assert services["x-kubernetes-list-type"] == "map"
     assert services["x-kubernetes-list-map-keys"] == ["name"]
+
+
+def test_committed_reference_matches_the_models() -> None:
+    from aisemble.model import reference
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
+    assert committed.read_text() == reference.render(), (
+        "docs/reference.md is stale: run `python -m aisemble.model.reference > docs/reference.md`"
+    )

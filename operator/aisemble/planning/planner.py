@@ -29,6 +29,7 @@ from aisemble.planning.observed import ObservedPod, ObservedStack
 
 IMAGE_NOT_FOUND = "ImageNotFound"
 WAITING_FOR_DEPENDENCY = "WaitingForDependency"
+WAITING_FOR_PORT = "WaitingForPort"
 
 
 def plan(
@@ -76,7 +77,7 @@ class _Planner:
     def run(self) -> Plan:
         infra = self._infrastructure()
         slots = self._slots()
-        self._hold_unavailable()
+        self._hold_unavailable(slots)
         # Every removal is planned before any creation, so a creation can wait for
         # the removal that frees its host port, whichever service held it.
         current = {
@@ -104,11 +105,14 @@ class _Planner:
         return created
 
     def _slots(self) -> dict[tuple[str, int], list[ObservedPod]]:
-        """Group observed pods by (service, replica); pods no slot wants are removed."""
+        """Group observed pods by (service, replica); pods no slot wants are removed.
+
+        Scaling down needs no image, so it happens even for services held below.
+        """
         slots: dict[tuple[str, int], list[ObservedPod]] = {}
         for pod in sorted(self.observed.pods, key=lambda p: p.name):
             service, replica = pod.service, pod.replica
-            if service is None or replica is None:
+            if service is None or replica is None or replica < 0:
                 self._remove(pod, "labels incomplete")
             elif service not in self.desired.replicas:
                 self._remove(pod, "service removed from spec")
@@ -118,22 +122,53 @@ class _Planner:
                 slots.setdefault((service, replica), []).append(pod)
         return slots
 
-    def _hold_unavailable(self) -> None:
-        """Services that cannot start this pass keep what runs now, untouched."""
+    def _hold_unavailable(self, slots: dict[tuple[str, int], list[ObservedPod]]) -> None:
+        """Services that cannot start this pass keep what runs now, untouched.
+
+        A service is held when its image is missing, when a dependency is held, or
+        when a host port it binds is still bound by a pod of a held service (that
+        pod stays, so the port stays taken). Holding one service can hold others,
+        so this runs until nothing changes.
+        """
         for service in self.desired.order:
             image = self.desired.images[service]
-            waiting = [d for d in self.desired.depends_on[service] if d in self.held]
             if not self.has_image(image):
                 self.held[service] = (
                     IMAGE_NOT_FOUND,
                     f"image {image} is not present on this host; build it "
                     f"(aisemble images build) or pull it (podman pull {image})",
                 )
-            elif waiting:
-                self.held[service] = (
-                    WAITING_FOR_DEPENDENCY,
-                    "waiting for " + ", ".join(f"{d} ({self.held[d][0]})" for d in waiting),
-                )
+        changed = True
+        while changed:
+            changed = False
+            kept = [p for (svc, _), pods in sorted(slots.items()) if svc in self.held for p in pods]
+            for service in self.desired.order:
+                if service in self.held:
+                    continue
+                waiting = [d for d in self.desired.depends_on[service] if d in self.held]
+                blocked = [
+                    (binding.host, pod)
+                    for template in self.desired.templates(service)
+                    for binding in template.ports
+                    for pod in kept
+                    if pod.service != service
+                    and any(host_ports_clash(binding.host, held) for held in pod.host_ports)
+                ]
+                if waiting:
+                    self.held[service] = (
+                        WAITING_FOR_DEPENDENCY,
+                        "waiting for " + ", ".join(f"{d} ({self.held[d][0]})" for d in waiting),
+                    )
+                elif blocked:
+                    (ip, port, proto), pod = blocked[0]
+                    self.held[service] = (
+                        WAITING_FOR_PORT,
+                        f"host port {ip}:{port}/{proto} is still bound by pod {pod.name} of "
+                        f"service {pod.service} ({self.held[pod.service or ''][0]})",
+                    )
+                else:
+                    continue
+                changed = True
 
     def _replace_stale(
         self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]
@@ -171,7 +206,7 @@ class _Planner:
                 after = (
                     self._infra_keys(template, infra)
                     + removals
-                    + self._port_holders(template)
+                    + self._holders(template)
                     + after_deps
                 )
                 step = Step(CreatePod(self.key, template), _unique(after))
@@ -196,14 +231,13 @@ class _Planner:
         names = [template.network] + [m.volume for m in template.mounts]
         return [infra[n] for n in names if n in infra]
 
-    def _port_holders(self, template: PodTemplate) -> list[str]:
-        """Removals that free a host port this pod will bind."""
+    def _holders(self, template: PodTemplate) -> list[str]:
+        """Removals that free the name or a host port this pod will take."""
         return [
             step.key
             for step, pod in self.removals
-            if any(
-                host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports
-            )
+            if pod.name == template.pod_name
+            or any(host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports)
         ]
 
 

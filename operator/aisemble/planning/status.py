@@ -14,7 +14,7 @@ from datetime import datetime
 from aisemble.model import AISemble, AISembleStatus, Condition, Endpoint, Phase, ServiceStatus
 from aisemble.planning.desired import DesiredStack
 from aisemble.planning.observed import ObservedStack
-from aisemble.planning.planner import IMAGE_NOT_FOUND, WAITING_FOR_DEPENDENCY
+from aisemble.planning.planner import IMAGE_NOT_FOUND, WAITING_FOR_DEPENDENCY, WAITING_FOR_PORT
 
 # Reasons that will not go away by waiting: a person must change something.
 FAILURE_REASONS = {
@@ -49,7 +49,7 @@ def fold(
     ]
     ready = [s for s in services if s.readyReplicas >= s.desiredReplicas and not s.reason]
     failed = [s for s in services if s.reason in FAILURE_REASONS]
-    waiting = [s for s in services if s.reason == WAITING_FOR_DEPENDENCY]
+    waiting = [s for s in services if s.reason in (WAITING_FOR_DEPENDENCY, WAITING_FOR_PORT)]
 
     if resource.spec.suspend:
         phase = Phase.SUSPENDED

@@ -1,0 +1,971 @@
+"""The planner, tested without podman: plans are executed in `fakeworld.FakeWorld`.
+
+Expectations are derived from the inputs (the spec, the rendered templates, the
+observed pods), never copied from the planner's output.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+from aisemble.model import AISemble, StackKey
+from aisemble.model.spec import host_ports_clash
+from aisemble.planning import naming
+from aisemble.planning.actions import (
+    CreateNetwork,
+    CreatePod,
+    CreateVolume,
+    Plan,
+    RemoveNetwork,
+    RemovePod,
+    RemoveVolume,
+    StartPod,
+    Step,
+)
+from aisemble.planning.desired import DesiredStack, render
+from aisemble.planning.observed import ObservedPod, ObservedStack
+from aisemble.planning.planner import (
+    IMAGE_NOT_FOUND,
+    WAITING_FOR_DEPENDENCY,
+    WAITING_FOR_PORT,
+    plan,
+)
+from fakeworld import Execution, FakeWorld, converged, make_pod
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+OWNER = "store-test"
+KEY = StackKey("default", "lab")
+
+SERVICE_NAMES = ("api", "db", "llm", "web", "vec")
+VOLUME_NAMES = ("data", "models")
+IMAGES = ("localhost/img-a:1", "localhost/img-b:1", "localhost/img-c:2")
+HOST_PORTS = (8080, 8081, 8082)
+
+T = TypeVar("T")
+
+PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- building inputs ---------------------------------------------------------------------------
+
+
+def resource(spec: dict, name: str = KEY.name) -> AISemble:
+    return AISemble.model_validate(
+        {
+            "apiVersion": "aisemble.io/v1alpha1",
+            "kind": "AISemble",
+            "metadata": {"name": name, "namespace": KEY.namespace},
+            "spec": spec,
+        }
+    )
+
+
+def desired_of(spec: dict) -> DesiredStack:
+    return render(resource(spec), OWNER)
+
+
+def svc(name: str, **fields: object) -> dict:
+    return {"name": name, "image": f"localhost/{name}:1", **fields}
+
+
+def everything(_image: str) -> bool:
+    return True
+
+
+def all_but(*missing: str) -> Callable[[str], bool]:
+    return lambda image: image not in missing
+
+
+def empty() -> ObservedStack:
+    return ObservedStack(KEY)
+
+
+def of_type(p: Plan, kind: type[T] | object) -> list[T]:
+    return [a for a in p.actions() if isinstance(a, kind)]
+
+
+def step_of(p: Plan, key: str) -> Step:
+    return next(s for s in p.steps if s.key == key)
+
+
+def creates(p: Plan, service: str | None = None) -> list[CreatePod]:
+    return [a for a in of_type(p, CreatePod) if service is None or a.service == service]
+
+
+def removed(p: Plan) -> set[str]:
+    return {a.pod for a in of_type(p, RemovePod)}
+
+
+def remove_key(pod: str) -> str:
+    return f"pod/{pod}/remove"
+
+
+def pod_of(desired: DesiredStack, service: str, replica: int = 0) -> str:
+    return next(t.pod_name for t in desired.templates(service) if t.replica == replica)
+
+
+def assert_realised(world: FakeWorld, desired: DesiredStack) -> None:
+    """The world runs exactly the desired pods, on the desired network and volumes."""
+    stack = world.stack
+    assert stack.network == desired.network
+    assert set(desired.volumes) <= set(stack.volumes)
+    assert sorted(p.name for p in stack.pods) == sorted(t.pod_name for t in desired.pods)
+    for template in desired.pods:
+        pod = world.pod(template.pod_name)
+        assert pod is not None and pod.running, template.pod_name
+        assert pod.labels == template.label_dict
+        assert set(pod.host_ports) == {b.host for b in template.ports}
+
+
+def bring_up_keys(p: Plan, service: str) -> set[str]:
+    return {
+        s.key
+        for s in p.steps
+        if isinstance(s.action, CreatePod | StartPod) and s.action.service == service
+    }
+
+
+def assert_dependencies_first(p: Plan, desired: DesiredStack, run: Execution) -> None:
+    """Every pod of a service is created or started after those of all its dependencies."""
+    for s in p.steps:
+        action = s.action
+        if not isinstance(action, CreatePod | StartPod) or s.key not in run.order:
+            continue
+        for dep in desired.depends_on[action.service]:
+            for key in bring_up_keys(p, dep):
+                assert key in run.order and run.position(key) < run.position(s.key), (
+                    f"{s.key} ran before {key} of its dependency {dep}"
+                )
+
+
+# -- hypothesis strategies -----------------------------------------------------------------------
+# Strategies are built once: building them inside draws costs more than planning.
+
+BOOL = st.booleans()
+INDEX = st.integers(0, 59)  # taken modulo the number of choices
+SERVICE_COUNT = st.integers(1, len(SERVICE_NAMES))
+SERVICE_ORDER = st.permutations(SERVICE_NAMES)
+IMAGE = st.sampled_from(IMAGES)
+REPLICAS = st.integers(0, 3)
+SERVICE_PORT = st.sampled_from([None, 80, 8000])
+ENV_VALUE = st.sampled_from([None, "1", "2"])
+HOST_IP = st.sampled_from(["127.0.0.1", "0.0.0.0"])
+CHANGE = st.sampled_from(["none", "none", "env", "image", "scale"])
+CHANGED_VALUE = st.sampled_from(["x", "y"])
+OLD_SPEC = st.sampled_from(["none", "same", "variant", "other"])
+CURRENT_POD_STATE = st.sampled_from(["running", "exited", "created", None])
+SOMETIMES = st.integers(0, 3)  # 0: one time in four
+RNG = st.randoms(use_true_random=False)
+MISSING_IMAGES = st.sets(IMAGE)
+
+
+def pick(draw: st.DrawFn, choices: list[T]) -> T:
+    return choices[draw(INDEX) % len(choices)]
+
+
+@st.composite
+def specs(draw: st.DrawFn) -> dict:
+    """Small valid specs: dependsOn points only at earlier services, so there is no cycle."""
+    names = draw(SERVICE_ORDER)[: draw(SERVICE_COUNT)]
+    volumes = [v for v in VOLUME_NAMES if draw(BOOL)]
+    services: list[dict] = []
+    for i, name in enumerate(names):
+        service: dict = {"name": name, "image": draw(IMAGE), "replicas": draw(REPLICAS)}
+        if deps := [d for d in names[:i] if draw(SOMETIMES) == 0]:
+            service["dependsOn"] = deps
+        if (port := draw(SERVICE_PORT)) is not None:
+            service["port"] = port
+        env = [(k, v) for k in ("LEVEL", "MODE") if (v := draw(ENV_VALUE)) is not None]
+        if env:
+            service["env"] = [{"name": k, "value": v} for k, v in env]
+        if mounted := [v for v in volumes if draw(BOOL)]:
+            service["volumeMounts"] = [{"volume": v, "mountPath": f"/mnt/{v}"} for v in mounted]
+        services.append(service)
+    single = [s for s in services if s["replicas"] <= 1]
+    expose: list[dict] = []
+    for host_port in HOST_PORTS:
+        if single and draw(BOOL):
+            target = pick(draw, single)
+            entry = {"service": target["name"], "hostPort": host_port, "hostIP": draw(HOST_IP)}
+            if "port" not in target:
+                entry["port"] = 9000
+            expose.append(entry)
+    return {"services": services, "volumes": [{"name": v} for v in volumes], "expose": expose}
+
+
+@st.composite
+def variants(draw: st.DrawFn, spec: dict) -> dict:
+    """`spec` with some services' env, image or replicas changed and maybe a port moved."""
+    spec = copy.deepcopy(spec)
+    exposed = {e["service"] for e in spec["expose"]}
+    for service in spec["services"]:
+        change = draw(CHANGE)
+        if change == "env":
+            service["env"] = [{"name": "CHANGED", "value": draw(CHANGED_VALUE)}]
+        elif change == "image":
+            service["image"] = draw(IMAGE)
+        elif change == "scale":
+            service["replicas"] = draw(REPLICAS)
+            if service["name"] in exposed:
+                service["replicas"] = min(service["replicas"], 1)
+    if spec["expose"] and draw(BOOL):
+        i = draw(INDEX) % len(spec["expose"])
+        target = pick(draw, [s for s in spec["services"] if s["replicas"] <= 1])
+        spec["expose"][i] = {**spec["expose"][i], "service": target["name"], "port": 9000}
+    return spec
+
+
+MESSES = (
+    "keep", "keep", "keep", "gone", "exited", "created", "no-main",
+    "no-service", "no-replica", "no-hash",
+)  # fmt: skip
+
+
+def messed(pod: ObservedPod, mess: str) -> ObservedPod | None:
+    if mess == "gone":
+        return None
+    if mess in ("exited", "created"):
+        assert pod.main is not None
+        main = dataclasses.replace(pod.main, state=mess, exit_code=1 if mess == "exited" else 0)
+        return dataclasses.replace(pod, main=main, status="Exited")
+    if mess == "no-main":
+        return dataclasses.replace(pod, main=None, status="Degraded")
+    label = {
+        "no-service": naming.SERVICE,
+        "no-replica": naming.REPLICA,
+        "no-hash": naming.SPEC_HASH,
+    }
+    if mess in label:
+        labels = {k: v for k, v in pod.labels.items() if k != label[mess]}
+        return dataclasses.replace(pod, labels=labels)
+    return pod
+
+
+@st.composite
+def worlds(draw: st.DrawFn, spec: dict, messes: tuple[str, ...] = MESSES) -> FakeWorld:
+    """What podman may show for a stack about to be reconciled to `spec`.
+
+    Realistic leftovers of an earlier spec (the same, a variant or an unrelated one: stale
+    hashes, removed services, extra replicas, moved host ports), damaged at random:
+    pods gone, containers exited or gone, labels missing, network or volumes missing;
+    plus some pods of the current spec in any state.
+    """
+    old = {
+        "none": lambda: None,
+        "same": lambda: spec,
+        "variant": lambda: draw(variants(spec)),
+        "other": lambda: draw(specs()),
+    }[draw(OLD_SPEC)]()
+    base = FakeWorld(KEY, IMAGES)
+    if old is not None:
+        assert base.run(plan(desired_of(old), base.stack, base.has_image)).ok
+    desired = desired_of(spec)
+    pods: list[ObservedPod] = []
+    for pod in base.stack.pods:
+        if (changed := messed(pod, pick(draw, list(messes)))) is not None:
+            pods.append(changed)
+    mounts = {p.name: base.mounts.get(p.name, ()) for p in pods}
+    for template in desired.pods:
+        if template.pod_name not in mounts and draw(SOMETIMES) == 0:
+            pods.append(make_pod(template, draw(CURRENT_POD_STATE)))
+            mounts[template.pod_name] = [m.volume for m in template.mounts]
+    network = desired.network if draw(BOOL) else None
+    candidates = sorted(set(base.stack.volumes) | set(desired.volumes))
+    volumes = tuple(v for v in candidates if draw(BOOL))
+    return FakeWorld(ObservedStack(KEY, tuple(pods), network, volumes), IMAGES, mounts=mounts)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, messes: tuple[str, ...] = MESSES) -> tuple[dict, FakeWorld]:
+    spec = draw(specs())
+    return spec, draw(worlds(spec, messes))
+
+
+# A pod that lost its service or replica label keeps its name, which may be the name of a
+# pod the plan creates; see TestIncompleteLabels for that case.
+MESSES_KEEPING_SLOT = tuple(m for m in MESSES if m not in ("no-service", "no-replica"))
+
+
+# -- a new stack ---------------------------------------------------------------------------------
+
+
+NEW_STACK = {
+    "services": [
+        svc("db", volumeMounts=[{"volume": "data", "mountPath": "/var/lib/db"}]),
+        svc(
+            "llm",
+            replicas=2,
+            dependsOn=["db"],
+            volumeMounts=[{"volume": "models", "mountPath": "/models", "readOnly": True}],
+        ),
+        svc("web", replicas=3, dependsOn=["llm"], port=80),
+        svc("cache", replicas=2),
+    ],
+    "volumes": [{"name": "data"}, {"name": "models"}, {"name": "spare"}],
+}
+
+
+class TestNewStack:
+    def test_creates_network_volumes_and_one_pod_per_replica(self) -> None:
+        desired = desired_of(NEW_STACK)
+        p = plan(desired, empty(), everything)
+        assert [a.name for a in of_type(p, CreateNetwork)] == [desired.network]
+        assert sorted(a.name for a in of_type(p, CreateVolume)) == sorted(desired.volumes)
+        expected = {
+            (s["name"], r) for s in NEW_STACK["services"] for r in range(s.get("replicas", 1))
+        }
+        assert sorted((a.service, a.template.replica) for a in creates(p)) == sorted(expected)
+        assert {a.template for a in creates(p)} == set(desired.pods)
+        assert not of_type(p, RemovePod) and not of_type(p, StartPod)
+        assert p.held == {}
+
+    def test_pods_wait_for_the_network_and_the_volumes_they_mount(self) -> None:
+        desired = desired_of(NEW_STACK)
+        p = plan(desired, empty(), everything)
+        network_key = of_type(p, CreateNetwork)[0].key
+        volume_keys = {a.name: a.key for a in of_type(p, CreateVolume)}
+        for create in creates(p):
+            after = set(step_of(p, create.key).after)
+            assert network_key in after
+            mounted = {m.volume for m in create.template.mounts}
+            for volume, key in volume_keys.items():
+                assert (key in after) == (volume in mounted), (create.key, volume)
+
+    def test_existing_network_and_volumes_are_neither_created_nor_waited_for(self) -> None:
+        desired = desired_of(NEW_STACK)
+        observed = ObservedStack(KEY, network=desired.network, volumes=desired.volumes)
+        p = plan(desired, observed, everything)
+        assert not of_type(p, CreateNetwork) and not of_type(p, CreateVolume)
+        for create in creates(p):
+            after = step_of(p, create.key).after
+            assert not [k for k in after if k.startswith(("network/", "volume/"))]
+
+    def test_a_dependent_waits_for_every_pod_of_its_dependencies(self) -> None:
+        desired = desired_of(NEW_STACK)
+        p = plan(desired, empty(), everything)
+        for create in creates(p):
+            after = set(step_of(p, create.key).after)
+            for service in ("db", "llm", "web", "cache"):
+                keys = {a.key for a in creates(p, service)}
+                wanted = service in desired.depends_on[create.service]
+                assert keys <= after if wanted else not keys & after, (create.key, service)
+
+    def test_a_dependent_waits_for_the_restart_of_an_exited_dependency(self) -> None:
+        desired = desired_of(NEW_STACK)
+        pods = tuple(make_pod(t, "exited") for t in desired.templates("llm"))
+        observed = ObservedStack(KEY, pods, desired.network, desired.volumes)
+        p = plan(desired, observed, everything)
+        starts = {a.key for a in of_type(p, StartPod) if a.service == "llm"}
+        assert starts == {f"pod/{t.pod_name}/start" for t in desired.templates("llm")}
+        for create in creates(p, "web"):
+            assert starts <= set(step_of(p, create.key).after)
+
+    def test_runs_in_any_order_that_honours_after(self) -> None:
+        desired = desired_of(NEW_STACK)
+        for seed in range(20):
+            world = FakeWorld(KEY, [t.image for t in desired.pods])
+            p = plan(desired, world.stack, world.has_image)
+            run = world.run(p, random.Random(seed))
+            assert run.ok, run.failed
+            assert_realised(world, desired)
+            assert_dependencies_first(p, desired, run)
+
+    @PROPERTY
+    @given(specs(), RNG)
+    def test_any_spec_comes_up_from_nothing(self, spec: dict, rng: random.Random) -> None:
+        desired = desired_of(spec)
+        world = FakeWorld(KEY, IMAGES)
+        p = plan(desired, world.stack, world.has_image)
+        assert len(creates(p)) == sum(s["replicas"] for s in spec["services"])
+        run = world.run(p, rng)
+        assert run.ok, run.failed
+        assert_realised(world, desired)
+        assert_dependencies_first(p, desired, run)
+
+
+# -- idempotence and determinism ----------------------------------------------------------------
+
+
+class TestIdempotence:
+    def test_a_converged_stack_plans_nothing(self) -> None:
+        desired = desired_of(NEW_STACK)
+        p = plan(desired, converged(desired), everything)
+        assert p.steps == () and not p and p.held == {}
+
+    @PROPERTY
+    @given(scenarios(MESSES_KEEPING_SLOT), RNG)
+    def test_executing_the_plan_converges_and_replanning_plans_nothing(
+        self, scenario: tuple[dict, FakeWorld], rng: random.Random
+    ) -> None:
+        spec, world = scenario
+        desired = desired_of(spec)
+        first = plan(desired, world.stack, world.has_image)
+        run = world.run(first, rng)
+        assert run.ok, run.failed
+        assert_realised(world, desired)
+        assert_dependencies_first(first, desired, run)
+        again = plan(desired, world.stack, world.has_image)
+        assert again.steps == ()
+        assert again.held == {}
+
+    @PROPERTY
+    @given(scenarios(MESSES_KEEPING_SLOT), st.data())
+    def test_a_pass_interrupted_by_failures_is_finished_by_the_next(
+        self, scenario: tuple[dict, FakeWorld], data: st.DataObject
+    ) -> None:
+        spec, world = scenario
+        desired = desired_of(spec)
+        first = plan(desired, world.stack, world.has_image)
+        keys = [s.key for s in first.steps]
+        world.failing = {k for k in keys if data.draw(SOMETIMES) == 0}
+        run = world.run(first, data.draw(RNG))
+        assert set(run.failed) <= world.failing <= set(run.failed) | set(run.skipped)
+        world.failing = set()
+        second = plan(desired, world.stack, world.has_image)
+        assert world.run(second, data.draw(RNG)).ok
+        assert_realised(world, desired)
+        assert not plan(desired, world.stack, world.has_image)
+
+
+class TestDeterminism:
+    @PROPERTY
+    @given(scenarios(), st.data())
+    def test_the_same_input_gives_the_same_plan(
+        self, scenario: tuple[dict, FakeWorld], data: st.DataObject
+    ) -> None:
+        spec, world = scenario
+        missing = data.draw(MISSING_IMAGES)
+        has_image = all_but(*missing)
+        one = plan(desired_of(spec), world.stack, has_image)
+        two = plan(desired_of(copy.deepcopy(spec)), world.stack, has_image)
+        assert one == two and one.held == two.held
+        assert list(one.held) == list(two.held)
+
+    @PROPERTY
+    @given(scenarios(), st.data())
+    def test_the_order_pods_and_volumes_are_listed_in_does_not_matter(
+        self, scenario: tuple[dict, FakeWorld], data: st.DataObject
+    ) -> None:
+        spec, world = scenario
+        desired = desired_of(spec)
+        has_image = all_but(*data.draw(MISSING_IMAGES))
+        shuffled = dataclasses.replace(
+            world.stack,
+            pods=tuple(data.draw(st.permutations(world.stack.pods))),
+            volumes=tuple(data.draw(st.permutations(world.stack.volumes))),
+        )
+        one, two = plan(desired, world.stack, has_image), plan(desired, shuffled, has_image)
+        assert one.steps == two.steps
+        assert list(one.held.items()) == list(two.held.items())
+        teardown = plan(None, world.stack, has_image, purge_volumes=True)
+        assert teardown.steps == plan(None, shuffled, has_image, purge_volumes=True).steps
+
+
+# -- changing the spec -------------------------------------------------------------------------
+
+
+CHANGING = {
+    "services": [
+        svc("db", port=5432),
+        svc("llm", replicas=2, env=[{"name": "MODEL", "value": "small"}], dependsOn=["db"]),
+        svc("web", replicas=2, port=80),
+    ]
+}
+
+
+def with_service(spec: dict, name: str, **changes: object) -> dict:
+    spec = copy.deepcopy(spec)
+    for service in spec["services"]:
+        if service["name"] == name:
+            service.update(changes)
+    return spec
+
+
+class TestSpecChanges:
+    def test_changing_one_service_recreates_only_its_pods(self) -> None:
+        old = desired_of(CHANGING)
+        new = desired_of(with_service(CHANGING, "llm", env=[{"name": "MODEL", "value": "large"}]))
+        p = plan(new, converged(old), everything)
+        assert removed(p) == {t.pod_name for t in old.templates("llm")}
+        assert {a.template for a in creates(p)} == set(new.templates("llm"))
+        assert not of_type(p, StartPod)
+        for create in creates(p):  # each replacement waits for the pod it replaces
+            old_pod = pod_of(old, "llm", create.template.replica)
+            assert remove_key(old_pod) in step_of(p, create.key).after
+
+    def test_changing_the_image_recreates_the_service(self) -> None:
+        old = desired_of(CHANGING)
+        new = desired_of(with_service(CHANGING, "web", image="localhost/web:2"))
+        p = plan(new, converged(old), everything)
+        assert removed(p) == {t.pod_name for t in old.templates("web")}
+        assert {a.template.image for a in creates(p)} == {"localhost/web:2"}
+
+    def test_changing_dependson_alone_recreates_nothing(self) -> None:
+        old = desired_of(CHANGING)
+        new = desired_of(with_service(CHANGING, "web", dependsOn=["db"]))
+        assert not plan(new, converged(old), everything)
+
+    def test_scaling_up_adds_replicas_and_leaves_the_others_alone(self) -> None:
+        old = desired_of(CHANGING)
+        new = desired_of(with_service(CHANGING, "web", replicas=5))
+        p = plan(new, converged(old), everything)
+        assert not of_type(p, RemovePod) and not of_type(p, StartPod)
+        assert sorted(a.template.replica for a in creates(p)) == [2, 3, 4]
+        assert {a.template.pod_name for a in creates(p)}.isdisjoint(
+            p.name for p in converged(old).pods
+        )
+        assert {t.pod_name for t in old.templates("web")} < {t.pod_name for t in new.pods}
+
+    def test_scaling_down_removes_only_the_highest_replicas(self) -> None:
+        old = desired_of(with_service(CHANGING, "web", replicas=4))
+        new = desired_of(with_service(CHANGING, "web", replicas=1))
+        p = plan(new, converged(old), everything)
+        assert not creates(p) and not of_type(p, StartPod)
+        assert removed(p) == {pod_of(old, "web", r) for r in (1, 2, 3)}
+
+    def test_scaling_to_zero_removes_every_pod_of_the_service(self) -> None:
+        old = desired_of(CHANGING)
+        new = desired_of(with_service(CHANGING, "llm", replicas=0))
+        p = plan(new, converged(old), everything)
+        assert removed(p) == {t.pod_name for t in old.templates("llm")}
+        assert not creates(p)
+
+    def test_removing_a_service_removes_its_pods(self) -> None:
+        old = desired_of(CHANGING)
+        spec = copy.deepcopy(CHANGING)
+        spec["services"] = [s for s in spec["services"] if s["name"] != "web"]
+        p = plan(desired_of(spec), converged(old), everything)
+        assert removed(p) == {t.pod_name for t in old.templates("web")}
+        assert not creates(p)
+
+    @PROPERTY
+    @given(st.data())
+    def test_only_services_whose_hashed_fields_changed_are_recreated(
+        self, data: st.DataObject
+    ) -> None:
+        old_spec = data.draw(specs())
+        new_spec = data.draw(variants(old_spec))
+        old, new = desired_of(old_spec), desired_of(new_spec)
+        old_services = {s["name"]: s for s in old_spec["services"]}
+
+        def identity(spec: dict, name: str) -> tuple:
+            """What the spec hash covers: the service minus replicas/dependsOn, its exposes."""
+            service = next(s for s in spec["services"] if s["name"] == name)
+            fields = {k: v for k, v in service.items() if k not in ("replicas", "dependsOn")}
+            exposes = [e for e in spec["expose"] if e["service"] == name]
+            return (repr(sorted(fields.items())), repr(exposes))
+
+        expect_removed: set[str] = set()
+        expect_created: set[str] = set()
+        for service in new_spec["services"]:
+            name, count = service["name"], service["replicas"]
+            before = old_services[name]["replicas"]
+            if identity(old_spec, name) != identity(new_spec, name):
+                expect_removed |= {t.pod_name for t in old.templates(name)}
+                expect_created |= {t.pod_name for t in new.templates(name)}
+            else:
+                expect_removed |= {t.pod_name for t in old.templates(name) if t.replica >= count}
+                expect_created |= {t.pod_name for t in new.templates(name) if t.replica >= before}
+        p = plan(new, converged(old), everything)
+        assert removed(p) == expect_removed
+        assert {a.template.pod_name for a in creates(p)} == expect_created
+        assert not of_type(p, StartPod)
+        world = FakeWorld(converged(old), IMAGES)
+        assert world.run(p, data.draw(RNG)).ok
+        assert_realised(world, new)
+
+
+# -- missing images -------------------------------------------------------------------------------
+
+
+HELD = {
+    "services": [
+        svc("web", image="localhost/web:1", port=80),
+        svc("api", dependsOn=["web"]),
+        svc("gw", dependsOn=["api"], port=8000),
+        svc("db", replicas=2),
+    ],
+    "expose": [{"service": "gw", "hostPort": 8080}],
+}
+
+
+class TestMissingImage:
+    def setup_method(self) -> None:
+        self.old = desired_of(HELD)
+        self.new = desired_of(with_service(HELD, "web", image="localhost/web:2"))
+        self.observed = dataclasses.replace(
+            converged(self.old), pods=tuple(make_pod(t) for t in self.old.pods if t.service != "db")
+        )
+        self.plan = plan(self.new, self.observed, all_but("localhost/web:2"))
+
+    def test_the_service_is_held_for_its_image_and_its_dependents_for_it(self) -> None:
+        assert self.plan.held["web"][0] == IMAGE_NOT_FOUND
+        assert "localhost/web:2" in self.plan.held["web"][1]
+        assert self.plan.held["api"][0] == WAITING_FOR_DEPENDENCY
+        assert "web" in self.plan.held["api"][1]
+        assert self.plan.held["gw"][0] == WAITING_FOR_DEPENDENCY
+        assert "api" in self.plan.held["gw"][1]
+        assert "db" not in self.plan.held
+
+    def test_running_pods_of_held_services_are_left_alone(self) -> None:
+        touched = {a.pod for a in of_type(self.plan, RemovePod | StartPod)}
+        touched |= {a.template.pod_name for a in creates(self.plan) if a.service != "db"}
+        assert touched == set()
+
+    def test_the_rest_of_the_stack_is_planned(self) -> None:
+        assert {a.template for a in creates(self.plan)} == set(self.new.templates("db"))
+        world = FakeWorld(self.observed, ["localhost/db:1"])
+        assert world.run(self.plan, random.Random(1)).ok
+        assert {p.name for p in world.stack.pods} == (
+            {p.name for p in self.observed.pods} | {t.pod_name for t in self.new.templates("db")}
+        )
+
+    def test_a_held_service_with_no_pods_yet_creates_nothing(self) -> None:
+        p = plan(self.new, empty(), all_but("localhost/web:2"))
+        assert {a.service for a in creates(p)} == {"db"}
+        assert set(p.held) == {"web", "api", "gw"}
+
+    def test_once_the_image_is_there_the_service_is_replaced(self) -> None:
+        p = plan(self.new, self.observed, everything)
+        assert p.held == {}
+        assert removed(p) == {t.pod_name for t in self.old.templates("web")}
+
+    @PROPERTY
+    @given(scenarios(MESSES_KEEPING_SLOT), MISSING_IMAGES.filter(bool))
+    def test_held_services_follow_from_missing_images_and_dependencies(
+        self, scenario: tuple[dict, FakeWorld], missing: set[str]
+    ) -> None:
+        spec, world = scenario
+        desired = desired_of(spec)
+        expected: dict[str, str] = {
+            name: IMAGE_NOT_FOUND for name in desired.order if desired.images[name] in missing
+        }
+        # Until nothing changes: dependents of held services wait, and so does a service
+        # whose host port a kept pod of a held service still binds.
+        while True:
+            kept_ports = [
+                held
+                for pod in world.stack.pods
+                if pod.service in expected
+                and pod.replica is not None
+                and 0 <= pod.replica < desired.replicas[pod.service]
+                for held in pod.host_ports
+            ]
+            more = {}
+            for name in desired.order:
+                if name in expected:
+                    continue
+                if any(d in expected for d in desired.depends_on[name]):
+                    more[name] = WAITING_FOR_DEPENDENCY
+                elif any(
+                    host_ports_clash(b.host, held)
+                    for t in desired.templates(name)
+                    for b in t.ports
+                    for held in kept_ports
+                ):
+                    more[name] = WAITING_FOR_PORT
+                if name in more:
+                    break  # re-derive: a newly held service may keep ports of its own
+            if not more:
+                break
+            expected.update(more)
+        p = plan(desired, world.stack, all_but(*missing))
+        assert {name: why[0] for name, why in p.held.items()} == expected
+        for action in p.actions():
+            if isinstance(action, CreatePod | StartPod):
+                assert action.service not in expected, action.describe()
+        for pod in world.stack.pods:
+            replica = pod.replica
+            if pod.service in expected and replica is not None:
+                if 0 <= replica < desired.replicas[pod.service]:
+                    assert pod.name not in removed(p), f"held pod {pod.name} removed"
+
+
+# -- host ports -----------------------------------------------------------------------------------
+
+
+PORTS = {
+    "services": [svc("web", port=80), svc("api", port=8000), svc("db")],
+    "expose": [{"service": "web", "hostPort": 8080}],
+}
+
+
+class TestHostPorts:
+    def moved(self, host_ip: str = "127.0.0.1") -> dict:
+        spec = copy.deepcopy(PORTS)
+        spec["expose"] = [{"service": "api", "hostPort": 8080, "hostIP": host_ip}]
+        return spec
+
+    def test_the_new_holder_waits_for_the_old_holder_to_go(self) -> None:
+        old, new = desired_of(PORTS), desired_of(self.moved())
+        p = plan(new, converged(old), everything)
+        (api,) = creates(p, "api")
+        assert remove_key(pod_of(old, "web")) in step_of(p, api.key).after
+        (web,) = creates(p, "web")  # web loses the port: recreated, free to start at once
+        assert remove_key(pod_of(old, "web")) in step_of(p, web.key).after
+        assert remove_key(pod_of(old, "api")) in step_of(p, api.key).after
+
+    def test_a_wildcard_binding_waits_for_a_specific_one(self) -> None:
+        old, new = desired_of(PORTS), desired_of(self.moved("0.0.0.0"))
+        p = plan(new, converged(old), everything)
+        (api,) = creates(p, "api")
+        assert remove_key(pod_of(old, "web")) in step_of(p, api.key).after
+
+    def test_a_port_on_another_address_does_not_wait(self) -> None:
+        old, new = desired_of(PORTS), desired_of(self.moved("127.0.0.2"))
+        p = plan(new, converged(old), everything)
+        (api,) = creates(p, "api")
+        assert remove_key(pod_of(old, "web")) not in step_of(p, api.key).after
+
+    def test_a_port_freed_by_a_removed_service_is_waited_for(self) -> None:
+        old = desired_of(PORTS)
+        spec = self.moved()
+        spec["services"] = [s for s in spec["services"] if s["name"] != "web"]
+        new = desired_of(spec)
+        p = plan(new, converged(old), everything)
+        (api,) = creates(p, "api")
+        assert remove_key(pod_of(old, "web")) in step_of(p, api.key).after
+
+    def test_a_port_swap_runs_in_any_order(self) -> None:
+        spec = copy.deepcopy(PORTS)
+        spec["expose"] = [
+            {"service": "web", "hostPort": 8080},
+            {"service": "api", "hostPort": 8081},
+        ]
+        swapped = copy.deepcopy(spec)
+        swapped["expose"] = [
+            {"service": "web", "hostPort": 8081},
+            {"service": "api", "hostPort": 8080},
+        ]
+        old, new = desired_of(spec), desired_of(swapped)
+        for seed in range(20):
+            world = FakeWorld(converged(old), [t.image for t in new.pods])
+            run = world.run(plan(new, world.stack, world.has_image), random.Random(seed))
+            assert run.ok, run.failed
+            assert_realised(world, new)
+
+    def test_a_port_kept_by_a_held_service_is_not_taken(self) -> None:
+        old = desired_of(PORTS)
+        spec = with_service(self.moved(), "web", image="localhost/web:2")
+        new = desired_of(spec)
+        world = FakeWorld(converged(old), ["localhost/api:1", "localhost/db:1", "localhost/web:1"])
+        p = plan(new, world.stack, world.has_image)
+        assert p.held["web"][0] == IMAGE_NOT_FOUND
+        run = world.run(p)
+        assert run.ok, run.failed
+
+
+# -- deletion ------------------------------------------------------------------------------------
+
+
+class TestDeletion:
+    def setup_method(self) -> None:
+        self.desired = desired_of(NEW_STACK)
+        stale = make_pod(desired_of(with_service(NEW_STACK, "web", port=81)).templates("web")[0])
+        self.observed = dataclasses.replace(
+            converged(self.desired), pods=(*converged(self.desired).pods, stale)
+        )
+
+    def test_every_pod_is_removed_then_the_network(self) -> None:
+        p = plan(None, self.observed, everything)
+        assert removed(p) == {pod.name for pod in self.observed.pods}
+        (network,) = of_type(p, RemoveNetwork)
+        assert network.name == self.desired.network
+        assert set(step_of(p, network.key).after) == {remove_key(n) for n in removed(p)}
+        assert not of_type(p, RemoveVolume)
+        assert not creates(p) and not of_type(p, StartPod | CreateNetwork | CreateVolume)
+
+    def test_volumes_are_removed_only_when_purged_and_after_every_pod(self) -> None:
+        p = plan(None, self.observed, everything, purge_volumes=True)
+        assert sorted(a.name for a in of_type(p, RemoveVolume)) == sorted(self.desired.volumes)
+        pods = {remove_key(n) for n in removed(p)}
+        for action in of_type(p, RemoveVolume):
+            assert pods <= set(step_of(p, action.key).after)
+
+    def test_nothing_left_plans_nothing(self) -> None:
+        assert not plan(None, empty(), everything)
+        assert not plan(None, ObservedStack(KEY, volumes=("kept",)), everything)
+
+    def test_pods_with_incomplete_labels_are_removed_too(self) -> None:
+        pod = self.observed.pods[0]
+        bare = dataclasses.replace(pod, labels=naming.stack_labels(OWNER, KEY))
+        observed = dataclasses.replace(self.observed, pods=(bare,), network=None)
+        p = plan(None, observed, everything)
+        assert removed(p) == {pod.name}
+
+    @PROPERTY
+    @given(scenarios(), st.booleans(), RNG)
+    def test_teardown_leaves_nothing_but_unpurged_volumes(
+        self, scenario: tuple[dict, FakeWorld], purge: bool, rng: random.Random
+    ) -> None:
+        _spec, world = scenario
+        volumes = world.stack.volumes
+        p = plan(None, world.stack, world.has_image, purge_volumes=purge)
+        run = world.run(p, rng)
+        assert run.ok, run.failed
+        assert world.stack.pods == () and world.stack.network is None
+        assert world.stack.volumes == (() if purge else volumes)
+        assert not plan(None, world.stack, world.has_image, purge_volumes=purge)
+
+
+# -- suspend -------------------------------------------------------------------------------------
+
+
+class TestSuspend:
+    def test_a_suspended_new_stack_plans_nothing(self) -> None:
+        p = plan(desired_of({**NEW_STACK, "suspend": True}), empty(), everything)
+        assert p.steps == () and p.held == {}
+
+    @PROPERTY
+    @given(scenarios(), MISSING_IMAGES)
+    def test_a_suspended_stack_plans_nothing_whatever_runs(
+        self, scenario: tuple[dict, FakeWorld], missing: set[str]
+    ) -> None:
+        spec, world = scenario
+        p = plan(desired_of({**spec, "suspend": True}), world.stack, all_but(*missing))
+        assert p.steps == ()
+
+
+# -- repairs ---------------------------------------------------------------------------------------
+
+
+class TestRepairs:
+    def setup_method(self) -> None:
+        self.desired = desired_of(NEW_STACK)
+        self.web0 = self.desired.templates("web")[0]
+
+    def observed_with(self, *pods: ObservedPod) -> ObservedStack:
+        names = {p.name for p in pods}
+        kept = tuple(p for p in converged(self.desired).pods if p.name not in names)
+        return dataclasses.replace(converged(self.desired), pods=(*kept, *pods))
+
+    @pytest.mark.parametrize("state", ["exited", "created", "stopped", "paused"])
+    def test_a_stopped_container_is_started(self, state: str) -> None:
+        p = plan(self.desired, self.observed_with(make_pod(self.web0, state)), everything)
+        (start,) = p.actions()
+        assert isinstance(start, StartPod)
+        assert (start.pod, start.service) == (self.web0.pod_name, "web")
+        assert state in start.reason
+
+    def test_a_stopped_dependency_restarts_before_its_dependents(self) -> None:
+        db = self.desired.templates("db")[0]
+        llm = self.desired.templates("llm")[1]
+        observed = self.observed_with(make_pod(db, "exited"), make_pod(llm, "exited"))
+        p = plan(self.desired, observed, everything)
+        assert {a.pod for a in of_type(p, StartPod)} == {db.pod_name, llm.pod_name}
+        assert f"pod/{db.pod_name}/start" in step_of(p, f"pod/{llm.pod_name}/start").after
+
+    def test_a_pod_without_its_container_is_removed_then_recreated(self) -> None:
+        p = plan(self.desired, self.observed_with(make_pod(self.web0, None)), everything)
+        assert removed(p) == {self.web0.pod_name}
+        (create,) = creates(p)
+        assert create.template == self.web0
+        assert remove_key(self.web0.pod_name) in step_of(p, create.key).after
+        world = FakeWorld(self.observed_with(make_pod(self.web0, None)), IMAGES)
+        world.images = {t.image for t in self.desired.pods}
+        assert world.run(p).ok
+        assert_realised(world, self.desired)
+
+    def test_a_missing_pod_is_created(self) -> None:
+        observed = dataclasses.replace(
+            converged(self.desired),
+            pods=tuple(make_pod(t) for t in self.desired.pods if t != self.web0),
+        )
+        p = plan(self.desired, observed, everything)
+        assert [a.template for a in p.actions()] == [self.web0]
+
+    def test_a_missing_network_and_volume_are_recreated(self) -> None:
+        observed = dataclasses.replace(
+            converged(self.desired), network=None, volumes=self.desired.volumes[1:]
+        )
+        p = plan(self.desired, observed, everything)
+        assert [a.name for a in of_type(p, CreateNetwork)] == [self.desired.network]
+        assert [a.name for a in of_type(p, CreateVolume)] == [self.desired.volumes[0]]
+        assert not of_type(p, RemovePod) and not creates(p)
+
+    def test_stale_duplicate_in_a_slot_is_removed_and_the_current_pod_kept(self) -> None:
+        stale_tpl = desired_of(with_service(NEW_STACK, "web", port=81)).templates("web")[0]
+        p = plan(self.desired, self.observed_with(make_pod(stale_tpl)), everything)
+        assert removed(p) == {stale_tpl.pod_name}
+        assert not creates(p)
+
+    @pytest.mark.parametrize("label", [naming.SERVICE, naming.REPLICA])
+    def test_a_pod_with_incomplete_labels_is_removed(self, label: str) -> None:
+        stray = make_pod(self.web0)
+        stray = dataclasses.replace(
+            stray,
+            name="lab-stray-0",
+            labels={k: v for k, v in stray.labels.items() if k != label},
+        )
+        p = plan(self.desired, self.observed_with(stray), everything)
+        assert [a.pod for a in p.actions()] == ["lab-stray-0"]
+
+    @pytest.mark.parametrize("replica", ["7", "x"])
+    def test_a_pod_of_an_unwanted_replica_is_removed(self, replica: str) -> None:
+        stray = make_pod(self.web0)
+        stray = dataclasses.replace(
+            stray, name="lab-stray-0", labels={**stray.labels, naming.REPLICA: replica}
+        )
+        p = plan(self.desired, self.observed_with(stray), everything)
+        assert [a.pod for a in p.actions()] == ["lab-stray-0"]
+
+    def test_a_pod_with_a_negative_replica_label_is_removed(self) -> None:
+        stray = make_pod(self.web0)
+        stray = dataclasses.replace(
+            stray, name="lab-stray-0", labels={**stray.labels, naming.REPLICA: "-1"}
+        )
+        p = plan(self.desired, self.observed_with(stray), everything)
+        assert [a.pod for a in p.actions()] == ["lab-stray-0"]
+
+
+# -- failures while executing ---------------------------------------------------------------------
+
+
+class TestFailedSteps:
+    def test_when_the_network_cannot_be_created_no_pod_is(self) -> None:
+        desired = desired_of(NEW_STACK)
+        world = FakeWorld(KEY, IMAGES + tuple(t.image for t in desired.pods))
+        p = plan(desired, world.stack, world.has_image)
+        world.failing = {of_type(p, CreateNetwork)[0].key}
+        run = world.run(p)
+        assert set(run.skipped) == {a.key for a in creates(p)}
+        assert world.stack.pods == ()
+        assert set(world.stack.volumes) == set(desired.volumes)
+
+    def test_dependents_of_a_failed_pod_are_not_run_and_others_are(self) -> None:
+        desired = desired_of(NEW_STACK)
+        world = FakeWorld(KEY, tuple(t.image for t in desired.pods))
+        p = plan(desired, world.stack, world.has_image)
+        world.failing = {creates(p, "llm")[0].key}
+        run = world.run(p, random.Random(3))
+        assert set(run.skipped) == {a.key for a in creates(p, "web")}
+        assert {p_.service for p_ in world.stack.pods} == {"db", "llm", "cache"}
+        assert len([x for x in world.stack.pods if x.service == "llm"]) == 1
+        assert set(world.history).isdisjoint(run.skipped)
+
+
+# -- known gaps ------------------------------------------------------------------------------------
+
+
+class TestIncompleteLabels:
+    """A pod that lost its service or replica label but still has a current pod's name."""
+
+    @pytest.mark.parametrize("label", [naming.SERVICE, naming.REPLICA])
+    def test_the_create_waits_for_the_removal_of_a_pod_with_the_same_name(self, label: str) -> None:
+        desired = desired_of(NEW_STACK)
+        web0 = desired.templates("web")[0]
+        pod = make_pod(web0)
+        pod = dataclasses.replace(pod, labels={k: v for k, v in pod.labels.items() if k != label})
+        observed = dataclasses.replace(
+            converged(desired),
+            pods=tuple(p if p.name != pod.name else pod for p in converged(desired).pods),
+        )
+        p = plan(desired, observed, everything)
+        (create,) = creates(p)
+        assert remove_key(web0.pod_name) in step_of(p, create.key).after
