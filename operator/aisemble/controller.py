@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.5  # seconds between looks at watched directories
 MAX_BACKOFF = 30.0
+# How often a round also lists pods, to find pods left without their container.
+FULL_SWEEP_INTERVAL = 300.0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Controller:
         self.sources = {d.id for d in self.directories} | ({CLI_SOURCE} if include_cli else set())
         self.resync = resync
         self.stop = stop or threading.Event()
+        self._last_full_sweep: float | None = None
 
     def sync_sources(self, force: bool = False) -> bool:
         """Sync directories whose files changed; returns whether any stack changed."""
@@ -66,9 +69,19 @@ class Controller:
                     log.info("%s", skipped)
         return changed
 
-    def round(self) -> RoundReport:
-        """One pass over every stack of this loop's sources, plus orphans."""
-        observed = self.driver.observe()
+    def round(self, full: bool | None = None) -> RoundReport:
+        """One pass over every stack of this loop's sources, plus orphans.
+
+        `full` also lists pods (see PodmanDriver.observe); by default every
+        FULL_SWEEP_INTERVAL seconds, starting with the first round.
+        """
+        now = time.monotonic()
+        if full is None:
+            last = self._last_full_sweep
+            full = last is None or now - last >= FULL_SWEEP_INTERVAL
+        observed = self.driver.observe(full=full)
+        if full:
+            self._last_full_sweep = now
         stored = self.store.list()
         known = {s.key for s in stored}
         mine = [s.key for s in stored if s.source in self.sources]

@@ -92,7 +92,7 @@ class Reconciler:
         store: Store,
         driver: PodmanDriver,
         clock: Clock = utc_now,
-        parallelism: int = 4,
+        parallelism: int = 8,
         progress: Progress | None = None,
     ) -> None:
         self.store = store
@@ -104,8 +104,8 @@ class Reconciler:
     def reconcile(self, key: StackKey, observed: Observed | None = None) -> PassReport:
         """One pass for one stack. The caller holds the stack's lock."""
         stored = self.store.get(key)  # 1. load
-        if observed is None:  # 2. observe
-            observed = self.driver.observe([key])
+        if observed is None:  # 2. observe (one stack: cheap enough to look at pods too)
+            observed = self.driver.observe([key], full=True)
         current = observed.stack(key)
 
         if stored is None or stored.deleting:
@@ -113,7 +113,7 @@ class Reconciler:
             report = PassReport(key, plan(None, current, observed.has_image, purge_volumes=purge))
             report.outcomes = self._execute(report.plan)
             if stored is not None and not report.failed:
-                after = self.driver.observe([key]).stack(key)
+                after = self.driver.observe([key], full=True).stack(key)
                 if not after.pods and after.network is None:
                     self.store.forget(key)
                     report.forgotten = True
@@ -123,7 +123,7 @@ class Reconciler:
         report = PassReport(key, plan(desired, current, observed.has_image))  # 3. plan
         report.outcomes = self._execute(report.plan)  # 4. execute
         if report.outcomes:
-            observed = self.driver.observe([key])
+            observed = self.driver.observe([key], full=True)
         result = PassResult(  # 5. status
             held=report.plan.held,
             errors=_errors_by_service(report),

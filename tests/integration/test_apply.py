@@ -6,7 +6,7 @@ import json
 import urllib.request
 
 import yaml
-from podman_helpers import Env, eventually, free_port, service, stack
+from podman_helpers import IDLE, Env, eventually, free_port, service, stack
 
 
 def _web(port: int = 8080) -> dict:
@@ -307,3 +307,28 @@ def _host_ports(env: Env, stack_name: str) -> set[tuple[str, int]]:
             for port in c.attrs.get("Ports") or []:
                 found.add((c.attrs["Labels"]["aisemble.io/service"], port["host_port"]))
     return found
+
+
+class TestContainerSpec:
+    def test_limits_env_mounts_and_command_reach_the_container(self, env: Env, stack_name: str) -> None:
+        svc = service(
+            "a",
+            env=[{"name": "GREETING", "value": "hi there"}],
+            resources={"cpus": "500m", "memory": "64Mi"},
+            volumeMounts=[{"volume": "models", "mountPath": "/models", "readOnly": True}],
+            terminationGracePeriodSeconds=7,
+        )
+        path = env.write("s.yaml", stack(stack_name, [svc], volumes=[{"name": "models"}]))
+        assert env.cli("apply", "-f", path).code == 0
+        [container] = env.containers(stack_name)
+        inspect = env.client.containers.get(container["Id"]).attrs
+        host = inspect["HostConfig"]
+        assert host["CpuQuota"] == 50_000 and host["CpuPeriod"] == 100_000
+        assert host["Memory"] == 64 * 2**20
+        assert "GREETING=hi there" in inspect["Config"]["Env"]
+        assert inspect["Config"]["StopTimeout"] == 7
+        [mount] = [m for m in inspect["Mounts"] if m["Destination"] == "/models"]
+        assert mount["Name"] == f"aisemble_default_{stack_name}_models" and mount["RW"] is False
+        code, _ = env.exec(container["Names"][0], "touch", "/models/x")
+        assert code != 0  # read-only
+        assert [inspect["Path"], *inspect["Args"]] == IDLE

@@ -125,6 +125,19 @@ class TestStoreLoop:
         assert len(new) == 1 and new[0]["Id"] != pod["Id"]
         assert new[0]["Name"] == pod["Name"]  # same spec, same name
 
+    def test_run_repairs_a_container_removed_from_its_pod(
+        self, env: Env, stack_name: str, run_loop
+    ) -> None:
+        assert env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        [container] = env.containers(stack_name)
+        run_loop("--resync", "1s")
+        env.client.containers.get(container["Id"]).remove(force=True)
+        repaired = eventually(
+            lambda: [c for c in env.containers(stack_name) if c["State"] == "running"]
+        )
+        assert len(repaired) == 1 and repaired[0]["Id"] != container["Id"]
+        assert len(env.pods(stack_name)) == 1
+
     def test_suspended_stacks_are_left_alone(self, env: Env, stack_name: str) -> None:
         path = env.write("s.yaml", stack(stack_name, [service("a")]))
         assert env.cli("apply", "-f", path).code == 0

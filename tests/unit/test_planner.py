@@ -618,6 +618,16 @@ class TestMissingImage:
         touched |= {a.template.pod_name for a in creates(self.plan) if a.service != "db"}
         assert touched == set()
 
+    def test_a_converged_stack_never_asks_about_images(self) -> None:
+        asked: list[str] = []
+
+        def counting(image: str) -> bool:
+            asked.append(image)
+            return False  # even a deleted image does not stop what runs
+
+        p = plan(self.old, converged(self.old), counting)
+        assert p.steps == () and p.held == {} and asked == []
+
     def test_the_rest_of_the_stack_is_planned(self) -> None:
         assert {a.template for a in creates(self.plan)} == set(self.new.templates("db"))
         world = FakeWorld(self.observed, ["localhost/db:1"])
@@ -643,8 +653,24 @@ class TestMissingImage:
     ) -> None:
         spec, world = scenario
         desired = desired_of(spec)
+        def must_start(name: str) -> bool:
+            # Some replica has no running pod of the current spec: only then is the image needed.
+            running = {
+                p.name for p in world.stack.pods if p.main is not None and p.main.running
+            }
+            by_name = {p.name: p for p in world.stack.pods}
+            return any(
+                t.pod_name not in running
+                or by_name[t.pod_name].spec_hash != t.spec_hash
+                or by_name[t.pod_name].replica != t.replica
+                or by_name[t.pod_name].service != t.service
+                for t in desired.templates(name)
+            )
+
         expected: dict[str, str] = {
-            name: IMAGE_NOT_FOUND for name in desired.order if desired.images[name] in missing
+            name: IMAGE_NOT_FOUND
+            for name in desired.order
+            if desired.images[name] in missing and must_start(name)
         }
         # Until nothing changes: dependents of held services wait, and so does a service
         # whose host port a kept pod of a held service still binds.

@@ -63,7 +63,8 @@ class Resources(StrictModel):
     gpus: int | None = Field(
         None,
         ge=0,
-        description="Number of GPUs the service needs. Devices are assigned through CDI.",
+        description="Number of GPUs the service needs. Validated and recorded; assigning "
+        "devices through CDI is not implemented yet, so the service runs without them.",
     )
 
     @field_validator("cpus", "memory", mode="before")

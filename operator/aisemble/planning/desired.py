@@ -112,6 +112,8 @@ def render(resource: AISemble, owner: str) -> DesiredStack:
                 naming.REPLICA: str(replica),
                 naming.SPEC_HASH: spec_hash,
             }
+            if bindings:
+                labels[naming.HOST_PORTS] = naming.encode_host_ports([b.host for b in bindings])
             pods.append(
                 PodTemplate(
                     stack=key,

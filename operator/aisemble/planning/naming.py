@@ -19,6 +19,9 @@ SERVICE = PREFIX + "service"
 REPLICA = PREFIX + "replica"
 SPEC_HASH = PREFIX + "spec-hash"
 ROLE = PREFIX + "role"
+HOST_PORTS = PREFIX + "host-ports"
+
+MAIN = "main"  # the ROLE of a service's container (the pod's infra container has none)
 
 MANAGER = "aisemble"
 
@@ -51,3 +54,21 @@ def key_of(labels: dict[str, str]) -> StackKey | None:
     if not namespace or not name:
         return None
     return StackKey(namespace, name)
+
+
+def encode_host_ports(ports: list[tuple[str, int, str]]) -> str:
+    """`127.0.0.1:8080/tcp,[::1]:53/udp`: the host ports a pod binds, as one label value."""
+    return ",".join(
+        f"[{ip}]:{port}/{proto}" if ":" in ip else f"{ip}:{port}/{proto}"
+        for ip, port, proto in ports
+    )
+
+
+def decode_host_ports(value: str | None) -> tuple[tuple[str, int, str], ...]:
+    found = []
+    for item in (value or "").split(","):
+        address, _, proto = item.partition("/")
+        ip, _, port = address.rpartition(":")
+        if ip and port.isdigit():
+            found.append((ip.strip("[]"), int(port), proto or "tcp"))
+    return tuple(sorted(found))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from aisemble.model import StackKey
@@ -72,23 +72,36 @@ class ObservedStack:
 
 @dataclass(frozen=True)
 class Observed:
-    """One snapshot of everything AI-semble owns on the host, taken in a few list calls."""
+    """One snapshot of everything AI-semble owns on the host, taken in a few list calls.
+
+    Images are listed only if a pass asks about one (a pass that starts nothing
+    never does), then remembered for the rest of the snapshot.
+    """
 
     stacks: dict[StackKey, ObservedStack] = field(default_factory=dict)
-    images: frozenset[str] = frozenset()
+    images: frozenset[str] | None = None
+    list_images: Callable[[], Iterable[str]] | None = field(default=None, compare=False, repr=False)
 
     def stack(self, key: StackKey) -> ObservedStack:
         return self.stacks.get(key) or ObservedStack(key)
 
     def has_image(self, reference: str) -> bool:
-        return is_present(reference, self.images)
+        if self.images is None:
+            loaded = frozenset(self.list_images()) if self.list_images else frozenset()
+            object.__setattr__(self, "images", loaded)  # a cache, not a change of state
+        return is_present(reference, self.images or frozenset())
+
+    def only(self, keys: Iterable[StackKey]) -> Observed:
+        wanted = set(keys)
+        return replace(self, stacks={k: v for k, v in self.stacks.items() if k in wanted})
 
     @staticmethod
     def assemble(
         pods: Iterable[ObservedPod],
         networks: Iterable[tuple[str, dict[str, str]]],
         volumes: Iterable[tuple[str, dict[str, str]]],
-        images: Iterable[str],
+        images: Iterable[str] | None = None,
+        list_images: Callable[[], Iterable[str]] | None = None,
     ) -> Observed:
         """Group flat lists of labelled objects by the stack their labels name."""
         grouped: dict[StackKey, dict] = {}
@@ -118,5 +131,6 @@ class Observed:
                 )
                 for key, b in grouped.items()
             },
-            images=frozenset(images),
+            images=frozenset(images) if images is not None else None,
+            list_images=list_images,
         )

@@ -132,7 +132,9 @@ class _Planner:
         """
         for service in self.desired.order:
             image = self.desired.images[service]
-            if not self.has_image(image):
+            # Only a service that must start something needs its image (and only then
+            # is the host asked): running pods keep running whatever became of it.
+            if self._must_start(service, slots) and not self.has_image(image):
                 self.held[service] = (
                     IMAGE_NOT_FOUND,
                     f"image {image} is not present on this host; build it "
@@ -169,6 +171,17 @@ class _Planner:
                 else:
                     continue
                 changed = True
+
+    def _must_start(self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]) -> bool:
+        for template in self.desired.templates(service):
+            current = [
+                p
+                for p in slots.get((service, template.replica), [])
+                if p.name == template.pod_name and p.spec_hash == template.spec_hash
+            ]
+            if not any(p.running for p in current):
+                return True
+        return False
 
     def _replace_stale(
         self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]
@@ -237,7 +250,9 @@ class _Planner:
             step.key
             for step, pod in self.removals
             if pod.name == template.pod_name
-            or any(host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports)
+            or any(
+                host_ports_clash(b.host, held) for b in template.ports for held in pod.host_ports
+            )
         ]
 
 

@@ -9,6 +9,7 @@ exists with our labels counts as done, removing something already gone too.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -55,81 +56,101 @@ class PodmanDriver:
         with self._lock:
             self._calls += n
 
-    def observe(self, stacks: Iterable[StackKey] | None = None) -> Observed:
-        """One snapshot of everything this owner has on the host (optionally some stacks only)."""
-        owner = {"label": f"{naming.OWNER}={self.owner}"}
+    def observe(self, stacks: Iterable[StackKey] | None = None, full: bool = False) -> Observed:
+        """One snapshot of this owner's objects (optionally of some stacks only).
+
+        The service containers carry everything the planner needs (their labels
+        name the pod, service, replica, hash and host ports), so a pass lists
+        them, the networks and the volumes: three calls whatever the number of
+        stacks, filtered by label on podman's side so only our objects cost
+        anything. Listing pods is podman's most expensive list call; it is done
+        only with `full=True`, to find pods that lost their container (a crash
+        between two create calls, a container removed by hand).
+        """
+        keys = list(stacks) if stacks is not None else None
+        owner = [f"{naming.OWNER}={self.owner}"]
+        if keys is not None and len(keys) == 1:
+            owner += [f"{naming.NAMESPACE}={keys[0].namespace}", f"{naming.STACK}={keys[0].name}"]
         try:
-            self._count(5)
-            raw_pods = self.client.pods.list(filters=owner)
-            raw_containers = self.client.containers.list(all=True, filters=owner)
-            raw_networks = self.client.networks.list(filters=owner)
-            # Volumes hold users' data and outlive stores: recognise any of ours by stack.
-            raw_volumes = self.client.volumes.list(
-                filters={"label": f"{naming.MANAGED_BY}={naming.MANAGER}"}
+            containers = self._list(
+                "/containers/json", {"all": "true"}, owner + [f"{naming.ROLE}={naming.MAIN}"]
             )
-            raw_images = self.client.images.list()
+            raw_pods = self._list("/pods/json", {}, owner) if full else []
+            networks = self._list("/networks/json", {}, owner)
+            # Volumes hold users' data and outlive stores: recognise any of ours by stack.
+            volumes = self._list(
+                "/volumes/json", {}, [f"{naming.MANAGED_BY}={naming.MANAGER}"] + owner[1:]
+            )
         except APIError as exc:
             raise PodmanUnavailable(f"podman could not list objects: {exc}") from exc
         except Exception as exc:  # connection refused, socket gone, timeouts
             raise PodmanUnavailable(f"podman does not answer: {exc}") from exc
-        containers_by_pod: dict[str, list[dict[str, Any]]] = {}
-        for c in raw_containers:
-            containers_by_pod.setdefault(c.attrs.get("Pod") or "", []).append(c.attrs)
-        pods = [self._pod(p.attrs, containers_by_pod.get(p.attrs["Id"], [])) for p in raw_pods]
-        images: set[str] = set()
-        for image in raw_images:
-            attrs = image.attrs
-            images.update(attrs.get("Names") or attrs.get("RepoTags") or [])
+        pods = {c["Pod"]: self._pod(c) for c in containers if c.get("Pod")}
+        for attrs in raw_pods:
+            if attrs["Id"] not in pods:  # a pod whose service container is gone
+                labels = attrs.get("Labels") or {}
+                pods[attrs["Id"]] = ObservedPod(
+                    id=attrs["Id"],
+                    name=attrs["Name"],
+                    labels=labels,
+                    status=attrs.get("Status", ""),
+                    host_ports=naming.decode_host_ports(labels.get(naming.HOST_PORTS)),
+                    created=_parse_time(attrs.get("Created")),
+                )
+        observed = Observed.assemble(
+            pods.values(),
+            [(n["name"], n.get("labels") or {}) for n in networks],
+            [(v["Name"], v.get("Labels") or {}) for v in volumes],
+            list_images=self.images,
+        )
+        return observed.only(keys) if keys is not None else observed
+
+    def images(self) -> set[str]:
+        """Names and ids of every local image."""
+        try:
+            raw = self._list("/images/json", {}, None)
+        except Exception as exc:
+            raise PodmanUnavailable(f"podman could not list images: {exc}") from exc
+        found: set[str] = set()
+        for attrs in raw:
+            found.update(attrs.get("Names") or attrs.get("RepoTags") or [])
             image_id = str(attrs.get("Id", "")).removeprefix("sha256:")
             if image_id:
-                images.add(image_id)
-        observed = Observed.assemble(
-            pods,
-            [(n.name, n.attrs.get("labels") or {}) for n in raw_networks],
-            [(v.name, v.attrs.get("Labels") or {}) for v in raw_volumes],
-            images,
-        )
-        if stacks is not None:
-            wanted = set(stacks)
-            observed = Observed(
-                {k: v for k, v in observed.stacks.items() if k in wanted}, observed.images
-            )
-        return observed
+                found.add(image_id)
+        return found
+
+    def _list(
+        self, path: str, params: dict[str, str], labels: list[str] | None
+    ) -> list[dict[str, Any]]:
+        self._count()
+        if labels:
+            # Several label filters must all match (podman ANDs them).
+            params = {**params, "filters": json.dumps({"label": labels})}
+        response = self.client.api.get(path, params=params)
+        response.raise_for_status()
+        return response.json() or []
 
     @staticmethod
-    def _pod(attrs: dict[str, Any], containers: list[dict[str, Any]]) -> ObservedPod:
-        name = attrs["Name"]
-        main_name = naming.container_name(name)
-        main: ObservedContainer | None = None
-        ports: set[tuple[str, int, str]] = set()
-        for c in containers:
-            for p in c.get("Ports") or []:
-                ports.add(
-                    (p.get("host_ip") or "0.0.0.0", int(p["host_port"]), p.get("protocol", "tcp"))
-                )
-            names = c.get("Names") or []
-            if c.get("IsInfra") or main_name not in names:
-                continue
-            started = c.get("StartedAt")
-            main = ObservedContainer(
-                id=c["Id"],
-                name=main_name,
-                state=str(c.get("State", "")).lower(),
-                exit_code=int(c.get("ExitCode") or 0),
-                image=c.get("Image", ""),
-                labels=c.get("Labels") or {},
-                started_at=datetime.fromtimestamp(started, UTC)
-                if started and started > 0
-                else None,
-            )
+    def _pod(c: dict[str, Any]) -> ObservedPod:
+        labels = {k: v for k, v in (c.get("Labels") or {}).items() if k != naming.ROLE}
+        started = c.get("StartedAt")
+        names = c.get("Names") or [""]
+        main = ObservedContainer(
+            id=c["Id"],
+            name=names[0],
+            state=str(c.get("State", "")).lower(),
+            exit_code=int(c.get("ExitCode") or 0),
+            image=c.get("Image", ""),
+            labels=labels,
+            started_at=datetime.fromtimestamp(started, UTC) if started and started > 0 else None,
+        )
         return ObservedPod(
-            id=attrs["Id"],
-            name=name,
-            labels=attrs.get("Labels") or {},
-            status=attrs.get("Status", ""),
+            id=c["Pod"],
+            name=c.get("PodName") or "",
+            labels=labels,
             main=main,
-            host_ports=tuple(sorted(ports)),
-            created=_parse_time(attrs.get("Created")),
+            host_ports=naming.decode_host_ports(labels.get(naming.HOST_PORTS)),
+            created=_parse_time(c.get("Created")),
         )
 
     # -- acting ----------------------------------------------------------------------------
@@ -178,29 +199,53 @@ class PodmanDriver:
             raise
 
     def _create_pod(self, action: CreatePod) -> None:
+        # Raw libpod calls: podman-py's helpers inspect after every create (two extra
+        # round trips per pod) and silently drop CPU limits given as nano_cpus.
         t = action.template
-        self._count(2)
         try:
-            pod = self.client.pods.create(t.pod_name, **pod_payload(t))
+            pod_id = self._post("/pods/create", {"name": t.pod_name, **pod_payload(t)})["Id"]
         except APIError as exc:
-            if exc.status_code == 409:
+            if exc.status_code != 409:
+                raise
+            # A pod of ours by that name whose container is gone (a crash between the
+            # create calls, a container removed by hand): replace it.
+            existing = self.client.pods.get(t.pod_name).attrs.get("Labels") or {}
+            if existing.get(naming.OWNER) != self.owner:
                 raise ActionFailed(
                     "NameConflict",
-                    f"a pod named {t.pod_name} already exists; if it is not AI-semble's, "
+                    f"a pod named {t.pod_name} already exists and is not this store's; "
                     f"remove it (podman pod rm -f {t.pod_name})",
+                    permanent=True,
                 ) from exc
-            raise
+            log.info("replacing pod %s, left without its container", t.pod_name)
+            self._count()
+            self.client.pods.remove(t.pod_name, force=True)
+            pod_id = self._post("/pods/create", {"name": t.pod_name, **pod_payload(t)})["Id"]
         try:
-            self._count(3)
-            self.client.containers.create(t.image, **container_payload(t, pod.id))
-            pod.start()
+            self._post("/containers/create", container_payload(t, pod_id), not_found=ImageNotFound)
+            self._post(f"/pods/{pod_id}/start")
         except Exception:
             # Leave no half-made pod behind; the next pass would clean it up anyway.
             try:
-                self.client.pods.remove(pod.id, force=True)
+                self.client.pods.remove(pod_id, force=True)
             except APIError:
                 log.warning("could not remove half-created pod %s", t.pod_name)
             raise
+
+    def _post(
+        self, path: str, payload: dict[str, Any] | None = None, not_found: type[APIError] = NotFound
+    ) -> dict[str, Any]:
+        self._count()
+        response = self.client.api.post(
+            path,
+            data=json.dumps(payload) if payload is not None else None,
+            headers={"Content-Type": "application/json"},
+        )
+        response.raise_for_status(not_found=not_found)
+        if not response.content:
+            return {}
+        body = response.json()
+        return body if isinstance(body, dict) else {"items": body}
 
     def _start_pod(self, action: StartPod) -> None:
         self._count()
@@ -262,25 +307,34 @@ def pod_payload(t: PodTemplate) -> dict[str, Any]:
     }
 
 
+CPU_PERIOD = 100_000  # microseconds, the kernel's default CFS period
+
+
 def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
+    """libpod's SpecGenerator for the service's container."""
     payload: dict[str, Any] = {
         "name": t.container_name,
         "pod": pod_id,
-        "labels": t.label_dict,
-        "environment": dict(t.env),
+        "image": t.image,
+        "labels": {**t.label_dict, naming.ROLE: naming.MAIN},
+        "env": dict(t.env),
         "stop_timeout": t.stop_timeout,
-        "volumes": {
-            m.volume: {"bind": m.path, "mode": "ro" if m.read_only else "rw"} for m in t.mounts
-        },
+        "volumes": [
+            {"Name": m.volume, "Dest": m.path, "Options": ["ro"] if m.read_only else []}
+            for m in t.mounts
+        ],
     }
     if t.command is not None:
         payload["entrypoint"] = list(t.command)
     if t.args is not None:
         payload["command"] = list(t.args)
+    limits: dict[str, Any] = {}
     if t.nano_cpus:
-        payload["nano_cpus"] = t.nano_cpus
+        limits["cpu"] = {"quota": t.nano_cpus * CPU_PERIOD // 10**9, "period": CPU_PERIOD}
     if t.memory_bytes:
-        payload["mem_limit"] = t.memory_bytes
+        limits["memory"] = {"limit": t.memory_bytes}
+    if limits:
+        payload["resource_limits"] = limits
     return payload
 
 

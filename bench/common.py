@@ -1,0 +1,124 @@
+"""Shared helpers for the benchmarks: temporary stores, stacks, timing and reporting.
+
+Every benchmark measures its baseline in the same run on the same machine,
+because these machines are noisy: results are ratios first, seconds second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aisemble.controller import Controller
+from aisemble.loading import load_text
+from aisemble.podman.connection import connect
+from aisemble.podman.driver import PodmanDriver
+from aisemble.reconciler import Reconciler
+from aisemble.sources.store import Store
+
+TINY = "localhost/aisemble/tiny:latest"
+IDLE = "trap 'exit 0' TERM; while true; do sleep 1 & wait $!; done"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stack_yaml(name: str, services: int = 5) -> str:
+    lines = [
+        "apiVersion: aisemble.io/v1alpha1",
+        "kind: AISemble",
+        f"metadata: {{name: {name}}}",
+        "spec:",
+        "  services:",
+    ]
+    for i in range(services):
+        lines += [
+            f"    - name: s{i}",
+            f"      image: {TINY}",
+            f'      command: ["sh", "-c", "{IDLE}"]',
+            "      terminationGracePeriodSeconds: 1",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def kube_yaml(prefix: str, services: int = 5) -> str:
+    """The same pods as `stack_yaml`, as plain Kubernetes Pods for `podman kube play`."""
+    docs = []
+    for i in range(services):
+        docs.append(
+            "\n".join(
+                [
+                    "apiVersion: v1",
+                    "kind: Pod",
+                    f"metadata: {{name: {prefix}-s{i}}}",
+                    "spec:",
+                    "  terminationGracePeriodSeconds: 1",
+                    "  containers:",
+                    "    - name: main",
+                    f"      image: {TINY}",
+                    f'      command: ["sh", "-c", "{IDLE}"]',
+                ]
+            )
+        )
+    return "\n---\n".join(docs) + "\n"
+
+
+@dataclass
+class Operator:
+    store: Store
+    driver: PodmanDriver
+    controller: Controller
+
+    def apply(self, text: str) -> list:
+        docs = load_text(text, "bench.yaml").documents
+        return [c.key for c in self.store.apply(docs)]
+
+    def delete_all(self) -> None:
+        keys = [s.key for s in self.store.list()]
+        if keys:
+            self.store.request_delete(keys)
+            self.controller.converge(keys, timeout=300)
+
+
+@contextlib.contextmanager
+def operator() -> Iterator[Operator]:
+    state = Path(tempfile.mkdtemp(prefix="aisemble-bench-"))
+    store = Store(state)
+    with connect() as conn:
+        driver = PodmanDriver(conn.client, store.owner)
+        controller = Controller(Reconciler(store, driver, parallelism=8))
+        op = Operator(store, driver, controller)
+        try:
+            yield op
+        finally:
+            op.delete_all()
+            store.close()
+
+
+def podman(*args: str, stdin: str | None = None) -> None:
+    subprocess.run(["podman", *args], input=stdin, text=True, check=True, capture_output=True)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"p50": statistics.median(ordered), "p95": p95, "min": ordered[0], "n": len(ordered)}
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
