@@ -24,7 +24,7 @@ from aisemble.reconciler import Reconciler
 from aisemble.sources.store import Store
 
 TINY = "localhost/aisemble/tiny:latest"
-IDLE = "trap 'exit 0' TERM; while true; do sleep 1 & wait $!; done"
+IDLE = "trap 'exit 0' TERM; sleep 2147483647 & wait"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -19,7 +19,7 @@ from aisemble.sources.store import Store
 
 TINY = "localhost/aisemble/tiny:latest"
 # A service that runs until stopped and stops at once on SIGTERM.
-IDLE = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1 & wait $!; done"]
+IDLE = ["sh", "-c", "trap 'exit 0' TERM; sleep 2147483647 & wait"]
 
 
 @dataclass

@@ -35,12 +35,24 @@ def age(when: datetime | None, now: datetime | None = None) -> str:
     return f"{seconds}s"
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (scripts in `args`) as literal blocks, the way people write them."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump(document: Any, fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     if fmt == "json":
         out.write(json.dumps(document, indent=2, default=str) + "\n")
     else:
-        out.write(yaml.safe_dump(document, sort_keys=False, default_flow_style=False))
+        out.write(yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
 
 
 def error(message: str) -> None:

@@ -54,5 +54,16 @@ class AISemble(BaseModel):
         return StackKey(self.metadata.namespace, self.metadata.name)
 
     def to_document(self) -> dict:
-        """The resource as a plain dict, as `kubectl get -o yaml` would print it."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The resource as a plain dict, as `kubectl get -o yaml` would print it.
+
+        Like the Kubernetes API, empty lists and maps are left out.
+        """
+        return _prune(self.model_dump(mode="json", exclude_none=True))
+
+
+def _prune(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _prune(v) for k, v in value.items() if v != {} and v != []}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value
