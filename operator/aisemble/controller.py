@@ -79,20 +79,28 @@ class Controller:
         if full is None:
             last = self._last_full_sweep
             full = last is None or now - last >= FULL_SWEEP_INTERVAL
+        taken = time.time()
         observed = self.driver.observe(full=full)
         if full:
             self._last_full_sweep = now
-        stored = self.store.list()
-        known = {s.key for s in stored}
-        mine = [s.key for s in stored if s.source in self.sources]
-        orphans = sorted(k for k in observed.stacks if k not in known)
+        stored = {s.key: s for s in self.store.list()}
+        mine = [key for key, s in stored.items() if s.source in self.sources]
+        orphans = sorted(k for k in observed.stacks if k not in stored)
         reports, busy = [], []
         for key in mine + orphans:
             with self.store.lock(key, timeout=0) as acquired:
                 if not acquired:
                     busy.append(key)
                     continue
-                report = self.reconciler.reconcile(key, observed)
+                # Another process may have changed the stack since the listing; reuse
+                # the listed copy only if its revision is still the stored one.
+                listed = stored.get(key)
+                fresh = listed if listed and self.store.revision(key) == listed.revision else None
+                # A pass that ended after the snapshot (an apply's) makes it stale here:
+                # then the reconciler looks at this stack again itself.
+                released = self.store.released_at(key)
+                snapshot = observed if released is None or released < taken else None
+                report = self.reconciler.reconcile(key, snapshot, fresh)
             reports.append(report)
             for outcome in report.outcomes:
                 (log.info if outcome.ok else log.warning)("%s: %s", key, outcome.describe())

@@ -31,13 +31,13 @@ from aisemble.planning.actions import (
     StartPod,
     Step,
 )
-from aisemble.planning.desired import render
+from aisemble.planning.desired import DesiredStack, render
 from aisemble.planning.observed import Observed
 from aisemble.planning.planner import plan
 from aisemble.planning.status import PassResult, fold
 from aisemble.podman.driver import PodmanDriver
 from aisemble.podman.errors import ActionFailed, PodmanUnavailable
-from aisemble.sources.store import Store
+from aisemble.sources.store import Store, StoredStack
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,16 @@ class Reconciler:
         self.clock = clock
         self.parallelism = parallelism
         self.progress = progress
+        self._rendered: dict[StackKey, tuple[int, DesiredStack]] = {}
 
-    def reconcile(self, key: StackKey, observed: Observed | None = None) -> PassReport:
-        """One pass for one stack. The caller holds the stack's lock."""
-        stored = self.store.get(key)  # 1. load
+    def reconcile(
+        self, key: StackKey, observed: Observed | None = None, stored: StoredStack | None = None
+    ) -> PassReport:
+        """One pass for one stack. The caller holds the stack's lock.
+
+        A caller that just read the stack from the store (under the lock) may pass it.
+        """
+        stored = stored or self.store.get(key)  # 1. load
         if observed is None:  # 2. observe (one stack: cheap enough to look at pods too)
             observed = self.driver.observe([key], full=True)
         current = observed.stack(key)
@@ -119,7 +125,7 @@ class Reconciler:
                     report.forgotten = True
             return report
 
-        desired = render(stored.resource, self.store.owner)
+        desired = self._render(stored)
         report = PassReport(key, plan(desired, current, observed.has_image))  # 3. plan
         report.outcomes = self._execute(report.plan)  # 4. execute
         if report.outcomes:
@@ -135,6 +141,14 @@ class Reconciler:
         if self.store.write_status(key, report.status):
             self._record_status_change(key, stored.status, report.status)
         return report
+
+    def _render(self, stored: StoredStack) -> DesiredStack:
+        """Rendering hashes every service; a stack's generation says when to do it again."""
+        cached = self._rendered.get(stored.key)
+        if cached is None or cached[0] != stored.generation:
+            cached = (stored.generation, render(stored.resource, self.store.owner))
+            self._rendered[stored.key] = cached
+        return cached[1]
 
     # -- executing -------------------------------------------------------------------------
 

@@ -183,3 +183,25 @@ class TestLocks:
         with store.lock(KEY, timeout=2) as acquired:
             assert acquired
         store.close()
+
+
+class TestRevisions:
+    def test_revision_moves_with_desired_state_not_with_status(self, store: Store) -> None:
+        store.apply(docs())
+        first = store.revision(KEY)
+        store.write_status(KEY, AISembleStatus(phase=Phase.READY))
+        assert store.revision(KEY) == first == store.get(KEY).revision
+        store.apply(docs(image="other"))
+        second = store.revision(KEY)
+        assert second > first
+        store.request_delete([KEY])
+        assert store.revision(KEY) > second
+        assert store.revision(StackKey("default", "nope")) is None
+
+    def test_releasing_a_lock_records_when_a_pass_ended(self, store: Store) -> None:
+        before = time.time()
+        with store.lock(KEY) as acquired:
+            assert acquired
+        released = store.released_at(KEY)
+        assert released is not None and released >= before - 1
+        assert store.released_at(StackKey("default", "never-locked")) is None

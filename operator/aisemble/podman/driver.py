@@ -209,14 +209,17 @@ class PodmanDriver:
                 raise
             # A pod of ours by that name whose container is gone (a crash between the
             # create calls, a container removed by hand): replace it.
-            existing = self.client.pods.get(t.pod_name).attrs.get("Labels") or {}
-            if existing.get(naming.OWNER) != self.owner:
+            existing = self.client.pods.get(t.pod_name).attrs
+            if (existing.get("Labels") or {}).get(naming.OWNER) != self.owner:
                 raise ActionFailed(
                     "NameConflict",
                     f"a pod named {t.pod_name} already exists and is not this store's; "
                     f"remove it (podman pod rm -f {t.pod_name})",
                     permanent=True,
                 ) from exc
+            names = {c.get("Names") for c in existing.get("Containers") or []}
+            if t.container_name in names:
+                return  # made meanwhile by another pass (our snapshot was older): done
             log.info("replacing pod %s, left without its container", t.pod_name)
             self._count()
             self.client.pods.remove(t.pod_name, force=True)

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS stacks (
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
     deleting INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 1,
     purge_volumes INTEGER NOT NULL DEFAULT 0,
     status TEXT,
     PRIMARY KEY (namespace, name)
@@ -89,6 +90,7 @@ class StoredStack:
     updated: datetime
     deleting: bool
     purge_volumes: bool
+    revision: int  # bumped by every change to the desired state (not by status writes)
     status: AISembleStatus | None
 
     def with_status(self) -> AISemble:
@@ -271,7 +273,7 @@ class Store:
                ON CONFLICT (namespace, name) DO UPDATE SET
                  source=excluded.source, generation=excluded.generation,
                  resource=excluded.resource, updated=excluded.updated,
-                 deleting=0, purge_volumes=0""",
+                 deleting=0, purge_volumes=0, revision=revision + 1""",
             (
                 key.namespace,
                 key.name,
@@ -314,7 +316,8 @@ class Store:
         self, db: sqlite3.Connection, key: StackKey, purge: bool, now: datetime
     ) -> None:
         db.execute(
-            "UPDATE stacks SET deleting=1, purge_volumes=MAX(purge_volumes, ?), updated=? "
+            "UPDATE stacks SET deleting=1, purge_volumes=MAX(purge_volumes, ?), updated=?, "
+            "revision=revision + 1 "
             "WHERE namespace=? AND name=?",
             (int(purge), now.isoformat(), key.namespace, key.name),
         )
@@ -326,6 +329,15 @@ class Store:
                 "DELETE FROM stacks WHERE namespace=? AND name=? AND deleting=1",
                 (key.namespace, key.name),
             )
+
+    def revision(self, key: StackKey) -> int | None:
+        """The stack's revision, cheaply: to tell whether a copy read earlier is current."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revision FROM stacks WHERE namespace=? AND name=?",
+                (key.namespace, key.name),
+            ).fetchone()
+        return row[0] if row else None
 
     def get(self, key: StackKey) -> StoredStack | None:
         with self._lock:
@@ -425,9 +437,17 @@ class Store:
                 yield acquired
             finally:
                 if acquired:
+                    os.utime(fd)  # "reconciled at": see released_at()
                     fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def released_at(self, key: StackKey) -> float | None:
+        """When the stack's lock was last released (time.time()), i.e. a pass ended."""
+        try:
+            return (self.state_dir / "locks" / f"{key.namespace}_{key.name}.lock").stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -458,6 +478,7 @@ def _stored(row: sqlite3.Row) -> StoredStack:
         updated=datetime.fromisoformat(row["updated"]),
         deleting=bool(row["deleting"]),
         purge_volumes=bool(row["purge_volumes"]),
+        revision=row["revision"],
         status=AISembleStatus.model_validate_json(row["status"]) if row["status"] else None,
     )
 
