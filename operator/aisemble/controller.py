@@ -104,6 +104,17 @@ class Controller:
             reports.append(report)
             for outcome in report.outcomes:
                 (log.info if outcome.ok else log.warning)("%s: %s", key, outcome.describe())
+            if report.phase_changed and report.status is not None:
+                status = report.status
+                ready = status.condition("Ready")
+                healthy = status.phase.value in ("Ready", "Progressing", "Suspended")
+                (log.info if healthy else log.warning)(
+                    "%s: %s %s%s",
+                    key,
+                    status.phase.value,
+                    status.ready,
+                    f" ({ready.message})" if ready and not healthy else "",
+                )
         return RoundReport(reports, busy)
 
     def run_forever(self) -> None:

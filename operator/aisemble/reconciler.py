@@ -75,6 +75,7 @@ class PassReport:
     outcomes: list[StepOutcome] = field(default_factory=list)
     status: AISembleStatus | None = None
     forgotten: bool = False  # the stack was deleted and is now gone entirely
+    phase_changed: bool = False
 
     @property
     def failed(self) -> list[StepOutcome]:
@@ -139,7 +140,7 @@ class Reconciler:
             stored.resource, desired, observed.stack(key), result, self.clock(), stored.status
         )
         if self.store.write_status(key, report.status):
-            self._record_status_change(key, stored.status, report.status)
+            report.phase_changed = self._record_status_change(key, stored.status, report.status)
         return report
 
     def _render(self, stored: StoredStack) -> DesiredStack:
@@ -211,9 +212,9 @@ class Reconciler:
 
     def _record_status_change(
         self, key: StackKey, old: AISembleStatus | None, new: AISembleStatus
-    ) -> None:
+    ) -> bool:
         if old is not None and old.phase == new.phase:
-            return
+            return False
         ready = new.condition("Ready")
         message = f"phase {new.phase.value}" + (
             f": {ready.message}" if ready and ready.message else ""
@@ -226,6 +227,7 @@ class Reconciler:
             type_="Warning" if warning else "Normal",
             now=self.clock(),
         )
+        return True
 
 
 def _errors_by_service(report: PassReport) -> dict[str, tuple[str, str]]:

@@ -332,3 +332,12 @@ class TestContainerSpec:
         code, _ = env.exec(container["Names"][0], "touch", "/models/x")
         assert code != 0  # read-only
         assert [inspect["Path"], *inspect["Args"]] == IDLE
+
+
+class TestDoctor:
+    def test_doctor_passes_on_a_host_set_up_by_the_setup_script(self, env: Env) -> None:
+        result = env.cli("doctor")
+        assert result.code == 0, result.text
+        for check in ("podman installed", "containers start", "DNS between pods", "podman REST API"):
+            assert f"[  ok] {check}" in result.out
+        assert "all checks passed" in result.out

@@ -102,7 +102,7 @@ def _write_drop_in(runtime: str | None = None, ulimits: bool = False) -> str:
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
-    return f"wrote {path}"
+    return f"wrote {path} (a podman service already running keeps its old settings until restarted)"
 
 
 def check_containers_run() -> Check:
