@@ -34,21 +34,24 @@ def main() -> None:
             tag = uuid.uuid4().hex[:6]
             kube = Path(tmp) / f"kube-{tag}.yaml"
             kube.write_text(kube_yaml(f"kp{tag}"))
-            play.append(timed(lambda: podman("kube", "play", str(kube))))
+            play.append(timed(podman, "kube", "play", str(kube)))
             podman("kube", "down", str(kube))
 
             keys = op.apply(stack_yaml(f"b{tag}"))
-            converge.append(timed(lambda: op.controller.converge(keys, timeout=120)))
+            converge.append(timed(op.controller.converge, keys, timeout=120))
             op.delete_all()
 
             path = Path(tmp) / f"stack-{tag}.yaml"
             path.write_text(stack_yaml(f"c{tag}"))
             env = {**os.environ, "AISEMBLE_STATE_DIR": str(op.store.state_dir)}
             cli = [sys.executable, "-m", "aisemble", "apply", "-f", str(path)]
-            command.append(timed(lambda: subprocess.run(cli, env=env, check=True, capture_output=True)))
+            command.append(timed(subprocess.run, cli, env=env, check=True, capture_output=True))
             op.delete_all()
-            print(f"trial {trial + 1}/{args.trials}: kube play {play[-1]:.3f}s, "
-                  f"converge {converge[-1]:.3f}s, aisemble apply {command[-1]:.3f}s", flush=True)
+            print(
+                f"trial {trial + 1}/{args.trials}: kube play {play[-1]:.3f}s, "
+                f"converge {converge[-1]:.3f}s, aisemble apply {command[-1]:.3f}s",
+                flush=True,
+            )
     result = {
         "kube_play": summary(play),
         "aisemble_converge": summary(converge),
@@ -59,10 +62,14 @@ def main() -> None:
     result["ratio_command_vs_kube_play"] = result["aisemble_apply_command"]["p50"] / base
     print(f"\ncold apply, 5 services, p50 of {args.trials} trials:")
     print(f"  podman kube play        {base:.3f}s  (baseline)")
-    print(f"  aisemble converge       {result['aisemble_converge']['p50']:.3f}s  "
-          f"ratio {result['ratio_converge_vs_kube_play']:.2f}  (target <= 1.0)")
-    print(f"  aisemble apply command  {result['aisemble_apply_command']['p50']:.3f}s  "
-          f"ratio {result['ratio_command_vs_kube_play']:.2f}")
+    print(
+        f"  aisemble converge       {result['aisemble_converge']['p50']:.3f}s  "
+        f"ratio {result['ratio_converge_vs_kube_play']:.2f}  (target <= 1.0)"
+    )
+    print(
+        f"  aisemble apply command  {result['aisemble_apply_command']['p50']:.3f}s  "
+        f"ratio {result['ratio_command_vs_kube_play']:.2f}"
+    )
     print(f"saved {save('apply', result)}")
 
 

@@ -35,7 +35,10 @@ def main() -> None:
                 keys += op.apply(stack_yaml(f"noop{i}"))
             op.controller.converge(keys, timeout=900)
             existing = size
-            print(f"{size} stacks up ({size * 5} pods) in {time.perf_counter() - started:.1f}s", flush=True)
+            print(
+                f"{size} stacks up ({size * 5} pods) in {time.perf_counter() - started:.1f}s",
+                flush=True,
+            )
             first = op.controller.round(full=True)
             assert first.actions == 0, f"not converged: {first.actions} actions"
             passes, observes, calls, sweeps = [], [], [], []
@@ -60,18 +63,23 @@ def main() -> None:
                 "podman_calls_per_pass": max(calls),
             }
             r = rows[size]
-            print(f"  {size:3d} stacks: pass p50 {r['pass']['p50'] * 1000:.0f} ms "
-                  f"(p95 {r['pass']['p95'] * 1000:.0f}), observe alone "
-                  f"{r['observe_only']['p50'] * 1000:.0f} ms, ratio "
-                  f"{r['pass']['p50'] / r['observe_only']['p50']:.2f}, "
-                  f"podman calls per pass {r['podman_calls_per_pass']}; "
-                  f"full sweep (every 5 min) {r['full_sweep_pass']['p50'] * 1000:.0f} ms", flush=True)
+            print(
+                f"  {size:3d} stacks: pass p50 {r['pass']['p50'] * 1000:.0f} ms "
+                f"(p95 {r['pass']['p95'] * 1000:.0f}), observe alone "
+                f"{r['observe_only']['p50'] * 1000:.0f} ms, ratio "
+                f"{r['pass']['p50'] / r['observe_only']['p50']:.2f}, "
+                f"podman calls per pass {r['podman_calls_per_pass']}; "
+                f"full sweep (every 5 min) {r['full_sweep_pass']['p50'] * 1000:.0f} ms",
+                flush=True,
+            )
     calls = {rows[s]["podman_calls_per_pass"] for s in sizes}
     result = {"sizes": rows, "calls_independent_of_stacks": len(calls) == 1}
     largest = rows[max(sizes)]["pass"]["p50"]
-    print(f"\nno-op pass at {max(sizes)} stacks: {largest * 1000:.0f} ms (target <= 300 ms); "
-          f"podman calls per pass: {sorted(calls)} "
-          f"({'independent of' if len(calls) == 1 else 'DEPENDS ON'} the number of stacks)")
+    print(
+        f"\nno-op pass at {max(sizes)} stacks: {largest * 1000:.0f} ms (target <= 300 ms); "
+        f"podman calls per pass: {sorted(calls)} "
+        f"({'independent of' if len(calls) == 1 else 'DEPENDS ON'} the number of stacks)"
+    )
     print(f"saved {save('noop', result)}")
 
 

@@ -104,9 +104,10 @@ def podman(*args: str, stdin: str | None = None) -> None:
     subprocess.run(["podman", *args], input=stdin, text=True, check=True, capture_output=True)
 
 
-def timed(fn) -> float:
+def timed(fn, *args, **kwargs) -> float:
+    """Seconds `fn(*args, **kwargs)` took."""
     start = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     return time.perf_counter() - start
 
 

@@ -2,8 +2,8 @@
 # Set this machine up for AI-semble, idempotently:
 #   - podman and what it needs, where missing (apt on Debian/Ubuntu, dnf on Fedora);
 #   - a virtualenv in .venv with the aisemble package (--dev: with test tools);
-#   - the tiny demo image, built locally (no registry needed);
-#   - only the podman fixes this host needs (`aisemble doctor --fix` detects them).
+#   - only the podman fixes this host needs (`aisemble doctor --fix` detects them);
+#   - the tiny demo image, built locally (no registry needed).
 # Usage: ./scripts/setup.sh [--dev]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,20 +13,31 @@ extras=""
 
 say() { printf '==> %s\n' "$*"; }
 sudo_() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+have_sbin() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }  # not on users' PATH
 
 missing=()
 command -v podman >/dev/null || missing+=(podman runc uidmap slirp4netns fuse-overlayfs)
 [[ -x /usr/lib/podman/aardvark-dns || -x /usr/libexec/podman/aardvark-dns ]] || missing+=(netavark aardvark-dns)
-{ command -v busybox >/dev/null && LC_ALL=C ldd "$(command -v busybox)" 2>&1 | grep -q "not a dynamic"; } \
-  || missing+=(busybox-static)
+static_busybox() {  # ldd exits 1 on a static binary: keep that from failing the pipe
+  local bb
+  bb=$(command -v busybox) || return 1
+  { LC_ALL=C ldd "$bb" 2>&1 || true; } | grep -qE "not a dynamic|statically linked"
+}
+static_busybox || missing+=(busybox-static)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v git >/dev/null || missing+=(git)
 
+apt_updated=""
+apt_install() {
+  say "installing $* (apt)"
+  [[ -n "$apt_updated" ]] || sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  apt_updated=1
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 if ((${#missing[@]})); then
   if command -v apt-get >/dev/null; then
-    say "installing ${missing[*]} (apt)"
-    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
   elif command -v dnf >/dev/null; then
     rpm_names=("${missing[@]/busybox-static/busybox}")
     rpm_names=("${rpm_names[@]/python3-venv/python3}")
@@ -38,6 +49,35 @@ if ((${#missing[@]})); then
   fi
 fi
 say "$(podman --version)"
+
+# netavark wires container networks with iptables (netavark < 1.12, as in Debian 12) or
+# nftables (newer); Debian's podman only suggests them, and a fresh Debian 12 has nft
+# but no iptables: every container on a network then fails with
+# "netavark: No such file or directory (os error 2)".
+netavark=""
+for p in /usr/lib/podman/netavark /usr/libexec/podman/netavark /usr/local/lib/podman/netavark; do
+  [[ -x "$p" ]] && netavark=$p && break
+done
+if [[ -n "$netavark" ]] && command -v apt-get >/dev/null && ! have_sbin iptables; then
+  nv=$("$netavark" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+' | head -n 1)
+  if [[ "${nv:-0.0}" =~ ^(0\.|1\.([0-9]|1[01])$) ]]; then
+    apt_install iptables
+  elif ! have_sbin nft; then
+    apt_install nftables
+  fi
+fi
+
+# Rootless podman opens /dev/net/tun (slirp4netns, pasta) and, with fuse-overlayfs storage,
+# /dev/fuse. Debian's udev makes both 0666; hosts without udev may leave them 0600, and
+# then no rootless container starts ("open("/dev/net/tun"): Permission denied").
+if [[ $(id -u) -ne 0 ]]; then
+  for node in /dev/net/tun /dev/fuse; do
+    if [[ -c "$node" && ! ( -r "$node" && -w "$node" ) ]]; then
+      say "letting users open $node (chmod 666), as udev does on Debian"
+      sudo_ chmod 666 "$node"
+    fi
+  done
+fi
 
 if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv with $(python3 --version)"
@@ -51,8 +91,9 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   touch "$stamp"
 fi
 
-say "building the tiny image"
-./scripts/build-tiny-image.sh
-
+# The fixes first: on some hosts no container (not even a build step) runs without them.
 say "checking podman (aisemble doctor --fix)"
 .venv/bin/aisemble doctor --fix
+
+say "building the tiny image"
+./scripts/build-tiny-image.sh

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --dev
-.venv/bin/lint-imports --config pyproject.toml
+.venv/bin/ruff check --quiet operator tests bench
+.venv/bin/lint-imports --config pyproject.toml --no-logo --no-cache
 exec .venv/bin/python -m pytest "$@"

@@ -13,6 +13,7 @@ from typing import Any
 
 import podman
 import yaml
+
 from aisemble.cli.main import main
 from aisemble.model import StackKey
 from aisemble.sources.store import Store

@@ -310,7 +310,9 @@ def _host_ports(env: Env, stack_name: str) -> set[tuple[str, int]]:
 
 
 class TestContainerSpec:
-    def test_limits_env_mounts_and_command_reach_the_container(self, env: Env, stack_name: str) -> None:
+    def test_limits_env_mounts_and_command_reach_the_container(
+        self, env: Env, stack_name: str
+    ) -> None:
         svc = service(
             "a",
             env=[{"name": "GREETING", "value": "hi there"}],
@@ -338,6 +340,11 @@ class TestDoctor:
     def test_doctor_passes_on_a_host_set_up_by_the_setup_script(self, env: Env) -> None:
         result = env.cli("doctor")
         assert result.code == 0, result.text
-        for check in ("podman installed", "containers start", "DNS between pods", "podman REST API"):
+        for check in (
+            "podman installed",
+            "containers start",
+            "DNS between pods",
+            "podman REST API",
+        ):
             assert f"[  ok] {check}" in result.out
         assert "all checks passed" in result.out

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from aisemble.model import StackKey
 from podman_helpers import Env, eventually, service, stack
+
+from aisemble.model import StackKey
 
 
 class Loop:
@@ -128,7 +129,9 @@ class TestStoreLoop:
     def test_run_repairs_a_container_removed_from_its_pod(
         self, env: Env, stack_name: str, run_loop
     ) -> None:
-        assert env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        assert (
+            env.cli("apply", "-f", env.write("s.yaml", stack(stack_name, [service("a")]))).code == 0
+        )
         [container] = env.containers(stack_name)
         run_loop("--resync", "1s")
         env.client.containers.get(container["Id"]).remove(force=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from aisemble.model import crd
 
 COMMITTED = Path(__file__).resolve().parents[2] / "crds" / "aisemble.io_aisembles.yaml"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from aisemble.model import AISemble, AISembleSpec
 from aisemble.model.quantity import parse_cpu, parse_memory
-from pydantic import ValidationError
 
 
 def spec(**fields) -> AISembleSpec:

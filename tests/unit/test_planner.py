@@ -13,6 +13,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+from fakeworld import Execution, FakeWorld, converged, make_pod
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from aisemble.model import AISemble, StackKey
 from aisemble.model.spec import host_ports_clash
 from aisemble.planning import naming
@@ -35,9 +39,6 @@ from aisemble.planning.planner import (
     WAITING_FOR_PORT,
     plan,
 )
-from fakeworld import Execution, FakeWorld, converged, make_pod
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 OWNER = "store-test"
 KEY = StackKey("default", "lab")
@@ -653,11 +654,10 @@ class TestMissingImage:
     ) -> None:
         spec, world = scenario
         desired = desired_of(spec)
+
         def must_start(name: str) -> bool:
             # Some replica has no running pod of the current spec: only then is the image needed.
-            running = {
-                p.name for p in world.stack.pods if p.main is not None and p.main.running
-            }
+            running = {p.name for p in world.stack.pods if p.main is not None and p.main.running}
             by_name = {p.name: p for p in world.stack.pods}
             return any(
                 t.pod_name not in running

@@ -6,15 +6,16 @@ import copy
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
+from fakeworld import converged, make_pod
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from aisemble.model import AISemble, AISembleStatus, Phase
 from aisemble.planning import naming
 from aisemble.planning.desired import DesiredStack, render
 from aisemble.planning.observed import ObservedPod, ObservedStack
 from aisemble.planning.planner import IMAGE_NOT_FOUND, WAITING_FOR_DEPENDENCY
 from aisemble.planning.status import PassResult, fold
-from fakeworld import converged, make_pod
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 OWNER = "store-test"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

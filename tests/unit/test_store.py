@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from aisemble.loading import load_text
 from aisemble.model import AISembleStatus, Phase, StackKey
 from aisemble.sources.store import Store, StoreError

@@ -217,7 +217,8 @@ class PodmanDriver:
                     f"remove it (podman pod rm -f {t.pod_name})",
                     permanent=True,
                 ) from exc
-            names = {c.get("Names") for c in existing.get("Containers") or []}
+            # pod inspect names each container "Name" (the pod list says "Names").
+            names = {c.get("Name") or c.get("Names") for c in existing.get("Containers") or []}
             if t.container_name in names:
                 return  # made meanwhile by another pass (our snapshot was older): done
             log.info("replacing pod %s, left without its container", t.pod_name)
@@ -225,7 +226,12 @@ class PodmanDriver:
             self.client.pods.remove(t.pod_name, force=True)
             pod_id = self._post("/pods/create", {"name": t.pod_name, **pod_payload(t)})["Id"]
         try:
-            self._post("/containers/create", container_payload(t, pod_id), not_found=ImageNotFound)
+            created = self._post(
+                "/containers/create", container_payload(t, pod_id), not_found=ImageNotFound
+            )
+            for warning in created.get("Warnings") or []:
+                # e.g. rootless on cgroups v1: "Resource limits are not supported and ignored"
+                log.warning("%s: podman: %s", t.container_name, warning)
             self._post(f"/pods/{pod_id}/start")
         except Exception:
             # Leave no half-made pod behind; the next pass would clean it up anyway.
@@ -343,6 +349,8 @@ def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
 
 # Failures that retrying cannot fix: a person must change the spec or the host.
 _PERMANENT = (
+    # podman 5 answers a missing image with 404 (ImageNotFound above), podman 4 with 500.
+    ("image not known", "ImageNotFound", "build or pull the image"),
     ("address already in use", "PortInUse", "free the port or change expose.hostPort"),
     ("executable file not found", "StartFailed", "check the service's command"),
     ("no such file or directory", "StartFailed", "check the service's command and mounts"),

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,8 +37,11 @@ class Check:
 
 
 def _podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run this host's podman CLI. CONTAINER_HOST is left out: podman 5 follows it as a
+    remote client, which checks another host and gets no runtime error text back."""
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINER_HOST"}
     return subprocess.run(
-        ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False
+        ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
 
 
@@ -105,8 +109,70 @@ def _write_drop_in(runtime: str | None = None, ulimits: bool = False) -> str:
     return f"wrote {path} (a podman service already running keeps its old settings until restarted)"
 
 
+def _diagnose(err: str, what: str) -> Check:
+    """Turn a failed probe's stderr into a Check, with the fix where one is known."""
+    if "cgroups in hybrid mode" in err or "hybrid mode" in err:
+        runtime = "runc" if shutil.which("runc") else None
+        if runtime is None:
+            return Check(
+                "containers start",
+                False,
+                f"crun cannot run here: {err}",
+                "install runc (apt-get install runc), then: aisemble doctor --fix",
+            )
+        return Check(
+            "containers start",
+            False,
+            "crun does not support this host's hybrid cgroups",
+            f"use runc: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
+            apply_fix=lambda: _write_drop_in(runtime="runc"),
+        )
+    if "rlimit" in err.lower():
+        return Check(
+            "containers start",
+            False,
+            f"podman's default ulimits exceed the host's hard limit ({what})",
+            f"lower them: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
+            apply_fix=lambda: _write_drop_in(ulimits=True),
+        )
+    if "netavark" in err and "No such file or directory" in err:
+        return Check(
+            "containers start",
+            False,
+            f"netavark cannot set up the pod's network: {err}",
+            "install its firewall tool: apt-get install -y iptables (netavark < 1.12) "
+            "or nftables (or ./scripts/setup.sh)",
+        )
+    return Check(
+        "containers start",
+        False,
+        f"{what} failed: {err}",
+        "run it by hand to see the full error",
+    )
+
+
+# A build step that runs nothing: it gets as far as the runtime's setup (where rlimits
+# and cgroups fail) and then fails on the missing executable, which is the success case.
+_PROBE_CONTAINERFILE = 'FROM scratch\nRUN ["/aisemble-doctor-probe"]\n'
+_PROBE_REACHED_EXEC = ("no such file or directory", "executable file not found")
+
+
+def _probe_build() -> Check | None:
+    """podman >= 5 gives build steps nofile=1048576 even where pods inherit podman's limits."""
+    with tempfile.TemporaryDirectory(prefix="aisemble-doctor-") as ctx:
+        (Path(ctx) / "Containerfile").write_text(_PROBE_CONTAINERFILE)
+        build = _podman("build", "--no-cache", "--quiet", "--network", "none", ctx)
+    err = build.stderr.strip()
+    if build.returncode == 0 or (
+        any(m in err.lower() for m in _PROBE_REACHED_EXEC) and "rlimit" not in err.lower()
+    ):
+        return None
+    return _diagnose(err, "a test build step")
+
+
 def check_containers_run() -> Check:
-    """Start a real pod (its infra container needs no registry) and read why it fails, if it does."""
+    """Start a real pod (its infra container needs no registry), then a build step with no
+    image at all, and read why either fails, if it does."""
     name = f"aisemble-doctor-{uuid.uuid4().hex[:8]}"
     create = _podman("pod", "create", "--name", name, "--label", "aisemble.io/doctor=true")
     try:
@@ -118,41 +184,14 @@ def check_containers_run() -> Check:
                 "run `podman pod create` by hand to see the full error",
             )
         start = _podman("pod", "start", name)
-        if start.returncode == 0:
-            return Check("containers start", True, "a test pod started and stopped cleanly")
-        err = start.stderr.strip()
-        if "cgroups in hybrid mode" in err or "hybrid mode" in err:
-            runtime = "runc" if shutil.which("runc") else None
-            if runtime is None:
-                return Check(
-                    "containers start",
-                    False,
-                    f"crun cannot run here: {err}",
-                    "install runc (apt-get install runc), then: aisemble doctor --fix",
-                )
-            return Check(
-                "containers start",
-                False,
-                "crun does not support this host's hybrid cgroups",
-                f"use runc: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
-                apply_fix=lambda: _write_drop_in(runtime="runc"),
-            )
-        if "rlimit" in err.lower():
-            return Check(
-                "containers start",
-                False,
-                "podman's default ulimits exceed the host's hard limit",
-                f"lower them: aisemble doctor --fix (writes {conf_drop_in_dir() / DROP_IN_NAME})",
-                apply_fix=lambda: _write_drop_in(ulimits=True),
-            )
-        return Check(
-            "containers start",
-            False,
-            f"a test pod failed to start: {err}",
-            "run `podman pod start` by hand to see the full error",
-        )
+        if start.returncode != 0:
+            return _diagnose(start.stderr.strip(), "a test pod")
     finally:
         _podman("pod", "rm", "-f", name, timeout=60)
+    failed = _probe_build()
+    if failed is not None:
+        return failed
+    return Check("containers start", True, "a test pod and a test build step started cleanly")
 
 
 def check_dns() -> Check:
@@ -202,6 +241,22 @@ def check_rootless() -> Check | None:
     return Check("rootless networking", True, f"{tun} usable, subuid range present")
 
 
+def check_rootless_limits() -> Check | None:
+    """Rootless podman on cgroups v1 accepts CPU and memory limits and ignores them."""
+    if os.geteuid() == 0:
+        return None
+    version = _podman("info", "--format", "{{.Host.CgroupsVersion}}").stdout.strip()
+    if version != "v1":
+        return Check("resource limits", True, f"cgroups {version or '?'}: limits are enforced")
+    return Check(
+        "resource limits",
+        False,
+        "rootless podman on cgroups v1: services' cpus and memory limits are ignored",
+        "run as root, or boot with cgroups v2 (systemd.unified_cgroup_hierarchy=1)",
+        warning=True,
+    )
+
+
 def check_api() -> Check:
     try:
         with connect() as conn:
@@ -232,8 +287,6 @@ def all_checks() -> list[Check]:
     if not installed.ok:
         return [installed]
     checks = [installed, check_containers_run(), check_dns()]
-    rootless = check_rootless()
-    if rootless is not None:
-        checks.append(rootless)
+    checks += [c for c in (check_rootless(), check_rootless_limits()) if c is not None]
     checks += [check_api(), check_systemd()]
     return checks
