@@ -101,7 +101,7 @@ class Reconciler:
         self.clock = clock
         self.parallelism = parallelism
         self.progress = progress
-        self._rendered: dict[StackKey, tuple[int, DesiredStack]] = {}
+        self._rendered: dict[StackKey, tuple[int, DesiredStack]] = {}  # by revision
 
     def reconcile(
         self, key: StackKey, observed: Observed | None = None, stored: StoredStack | None = None
@@ -144,10 +144,10 @@ class Reconciler:
         return report
 
     def _render(self, stored: StoredStack) -> DesiredStack:
-        """Rendering hashes every service; a stack's generation says when to do it again."""
+        """Rendering hashes every service; the stack's revision says when to do it again."""
         cached = self._rendered.get(stored.key)
-        if cached is None or cached[0] != stored.generation:
-            cached = (stored.generation, render(stored.resource, self.store.owner))
+        if cached is None or cached[0] != stored.revision:
+            cached = (stored.revision, render(stored.resource, self.store.owner))
             self._rendered[stored.key] = cached
         return cached[1]
 

@@ -206,3 +206,11 @@ class TestRevisions:
         released = store.released_at(KEY)
         assert released is not None and released >= before - 1
         assert store.released_at(StackKey("default", "never-locked")) is None
+
+    def test_a_stack_created_again_never_reuses_a_revision(self, store: Store) -> None:
+        store.apply(docs())
+        first = store.revision(KEY)
+        store.request_delete([KEY])
+        store.forget(KEY)
+        store.apply(docs(image="other"))
+        assert store.revision(KEY) > first + 1

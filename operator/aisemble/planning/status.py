@@ -63,14 +63,8 @@ def fold(
         phase = Phase.PROGRESSING
 
     generation = resource.metadata.generation
-    conditions = _conditions(phase, services, ready, failed, generation)
     old = {c.type: c for c in (previous.conditions if previous else [])}
-    stamped = [
-        c.model_copy(update={"lastTransitionTime": old[c.type].lastTransitionTime})
-        if c.type in old and old[c.type].status == c.status
-        else c.model_copy(update={"lastTransitionTime": now})
-        for c in conditions
-    ]
+    conditions = _conditions(phase, services, ready, failed, generation, now, old)
     ready_names = {s.name for s in ready}
     endpoints = [
         Endpoint(
@@ -84,7 +78,7 @@ def fold(
         observedGeneration=generation,
         phase=phase,
         ready=f"{len(ready)}/{len(services)}",
-        conditions=stamped,
+        conditions=conditions,
         services=services,
         endpoints=endpoints,
     )
@@ -148,18 +142,23 @@ def _conditions(
     ready: list[ServiceStatus],
     failed: list[ServiceStatus],
     generation: int | None,
+    now: datetime,
+    old: dict[str, Condition],
 ) -> list[Condition]:
     unready = [s for s in services if s not in ready]
     summary = "; ".join(f"{s.name}: {s.message or s.reason}" for s in unready)
-    epoch = datetime.fromtimestamp(0).astimezone()  # replaced by fold()
 
     def cond(type_: str, status: bool, reason: str, message: str) -> Condition:
+        value = "True" if status else "False"
+        previous = old.get(type_)
+        # The transition time moves only when the status does (Kubernetes conventions).
+        since = previous.lastTransitionTime if previous and previous.status == value else now
         return Condition(
             type=type_,
-            status="True" if status else "False",
+            status=value,
             reason=reason,
             message=message,
-            lastTransitionTime=epoch,
+            lastTransitionTime=since,
             observedGeneration=generation,
         )
 

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS stacks (
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
     deleting INTEGER NOT NULL DEFAULT 0,
-    revision INTEGER NOT NULL DEFAULT 1,
+    revision INTEGER NOT NULL,
     purge_volumes INTEGER NOT NULL DEFAULT 0,
     status TEXT,
     PRIMARY KEY (namespace, name)
@@ -90,7 +90,7 @@ class StoredStack:
     updated: datetime
     deleting: bool
     purge_volumes: bool
-    revision: int  # bumped by every change to the desired state (not by status writes)
+    revision: int  # store-wide, new on every change to the desired state (not on status writes)
     status: AISembleStatus | None
 
     def with_status(self) -> AISemble:
@@ -268,12 +268,13 @@ class Store:
             spec=resource.spec,
         )
         db.execute(
-            """INSERT INTO stacks (namespace, name, source, generation, resource, created, updated)
-               VALUES (?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO stacks
+                 (namespace, name, source, generation, resource, created, updated, revision)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (namespace, name) DO UPDATE SET
                  source=excluded.source, generation=excluded.generation,
                  resource=excluded.resource, updated=excluded.updated,
-                 deleting=0, purge_volumes=0, revision=revision + 1""",
+                 deleting=0, purge_volumes=0, revision=excluded.revision""",
             (
                 key.namespace,
                 key.name,
@@ -282,6 +283,7 @@ class Store:
                 stored.model_dump_json(exclude_none=True),
                 created.isoformat(),
                 now.isoformat(),
+                self._next_revision(db),
             ),
         )
         return Change(key, verb)
@@ -317,9 +319,8 @@ class Store:
     ) -> None:
         db.execute(
             "UPDATE stacks SET deleting=1, purge_volumes=MAX(purge_volumes, ?), updated=?, "
-            "revision=revision + 1 "
-            "WHERE namespace=? AND name=?",
-            (int(purge), now.isoformat(), key.namespace, key.name),
+            "revision=? WHERE namespace=? AND name=?",
+            (int(purge), now.isoformat(), self._next_revision(db), key.namespace, key.name),
         )
 
     def forget(self, key: StackKey) -> None:
@@ -450,6 +451,15 @@ class Store:
             return None
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _next_revision(db: sqlite3.Connection) -> int:
+        """A store-wide counter, so no two versions of any stack share a revision, even
+        a stack deleted and created again (callers hold a write transaction)."""
+        row = db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+        revision = int(row[0]) + 1 if row else 1
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('revision', ?)", (str(revision),))
+        return revision
 
     def _row(self, db: sqlite3.Connection, key: StackKey) -> sqlite3.Row | None:
         return db.execute(
