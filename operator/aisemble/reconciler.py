@@ -21,14 +21,7 @@ from datetime import UTC, datetime
 
 from aisemble.model import AISembleStatus, StackKey
 from aisemble.planning.actions import (
-    CreateNetwork,
-    CreatePod,
-    CreateVolume,
     Plan,
-    RemoveNetwork,
-    RemovePod,
-    RemoveVolume,
-    StartPod,
     Step,
 )
 from aisemble.planning.desired import DesiredStack, render
@@ -196,9 +189,7 @@ class Reconciler:
         outcomes[outcome.step.key] = outcome
         action = outcome.step.action
         if outcome.ok:
-            self.store.record_event(
-                outcome.key, _event_reason(action), action.describe(), now=self.clock()
-            )
+            self.store.record_event(outcome.key, action.done, action.describe(), now=self.clock())
         else:
             self.store.record_event(
                 outcome.key,
@@ -249,15 +240,3 @@ def _errors_by_service(report: PassReport) -> dict[str, tuple[str, str]]:
             if outcome.skipped and service:
                 errors.setdefault(service, stack_errors[0])
     return errors
-
-
-def _event_reason(action: object) -> str:
-    return {
-        CreateNetwork: "Created",
-        CreateVolume: "Created",
-        CreatePod: "Created",
-        StartPod: "Started",
-        RemovePod: "Removed",
-        RemoveNetwork: "Removed",
-        RemoveVolume: "Removed",
-    }.get(type(action), "Done")

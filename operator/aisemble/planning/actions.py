@@ -1,7 +1,9 @@
 """The closed set of things the podman driver can be asked to do.
 
 Each action has a `key` unique within a plan, so steps can name what they wait
-for, and a `describe()` for progress output and the event log.
+for, a `describe()` for progress output and the event log, and two reasons:
+`done` for the event recorded when it succeeds, `failed` for the status of
+the service when it fails.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from aisemble.planning.desired import PodTemplate
 
 @dataclass(frozen=True)
 class CreateNetwork:
+    done = "Created"
+    failed = "NetworkFailed"
+
     stack: StackKey
     name: str
     labels: dict[str, str] = field(compare=False)
@@ -28,6 +33,9 @@ class CreateNetwork:
 
 @dataclass(frozen=True)
 class CreateVolume:
+    done = "Created"
+    failed = "VolumeFailed"
+
     stack: StackKey
     name: str
     labels: dict[str, str] = field(compare=False)
@@ -43,6 +51,9 @@ class CreateVolume:
 @dataclass(frozen=True)
 class CreatePod:
     """Create the replica's pod and container, then start it."""
+
+    done = "Created"
+    failed = "CreateFailed"
 
     stack: StackKey
     template: PodTemplate
@@ -61,6 +72,9 @@ class CreatePod:
 
 @dataclass(frozen=True)
 class StartPod:
+    done = "Started"
+    failed = "StartFailed"
+
     stack: StackKey
     service: str
     pod: str
@@ -76,6 +90,9 @@ class StartPod:
 
 @dataclass(frozen=True)
 class RemovePod:
+    done = "Removed"
+    failed = "RemoveFailed"
+
     stack: StackKey
     service: str
     pod: str
@@ -92,6 +109,9 @@ class RemovePod:
 
 @dataclass(frozen=True)
 class RemoveNetwork:
+    done = "Removed"
+    failed = "RemoveFailed"
+
     stack: StackKey
     name: str
 
@@ -105,6 +125,9 @@ class RemoveNetwork:
 
 @dataclass(frozen=True)
 class RemoveVolume:
+    done = "Removed"
+    failed = "RemoveFailed"
+
     stack: StackKey
     name: str
 

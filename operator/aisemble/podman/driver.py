@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -264,23 +264,19 @@ class PodmanDriver:
             return  # gone since we looked; the next pass recreates it
 
     def _remove_pod(self, action: RemovePod) -> None:
-        self._count()
-        try:
-            self.client.pods.remove(action.pod, force=True)
-        except NotFound:
-            return
+        self._remove(self.client.pods.remove, action.pod, force=True)
 
     def _remove_network(self, action: RemoveNetwork) -> None:
-        self._count()
-        try:
-            self.client.networks.remove(action.name)
-        except NotFound:
-            return
+        self._remove(self.client.networks.remove, action.name)
 
     def _remove_volume(self, action: RemoveVolume) -> None:
+        self._remove(self.client.volumes.remove, action.name)
+
+    def _remove(self, remove: Callable[..., None], name: str, **options: Any) -> None:
+        """Remove `name`; already gone counts as removed."""
         self._count()
         try:
-            self.client.volumes.remove(action.name)
+            remove(name, **options)
         except NotFound:
             return
 
@@ -363,16 +359,7 @@ def _classify(action: Action, exc: APIError) -> ActionFailed:
     for needle, reason, hint in _PERMANENT:
         if needle in text.lower():
             return ActionFailed(reason, f"{action.describe()}: {text}; {hint}", permanent=True)
-    return ActionFailed(_reason_for(action), f"{action.describe()}: {text}")
-
-
-def _reason_for(action: Action) -> str:
-    return {
-        CreatePod: "CreateFailed",
-        StartPod: "StartFailed",
-        CreateNetwork: "NetworkFailed",
-        CreateVolume: "VolumeFailed",
-    }.get(type(action), "RemoveFailed")
+    return ActionFailed(action.failed, f"{action.describe()}: {text}")
 
 
 def _explain(exc: APIError) -> str:
