@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from aisemble.model import AISembleStatus, StackKey
+from aisemble.model import AISemble, AISembleStatus, StackKey
 from aisemble.planning.actions import (
     Plan,
     Step,
@@ -135,6 +135,14 @@ class Reconciler:
         if self.store.write_status(key, report.status):
             report.phase_changed = self._record_status_change(key, stored.status, report.status)
         return report
+
+    def preview(self, resources: list[AISemble]) -> list[Plan]:
+        """The plans a pass would carry out for these resources now; changes nothing."""
+        observed = self.driver.observe([r.key for r in resources], full=True)
+        return [
+            plan(render(r, self.store.owner), observed.stack(r.key), observed.has_image)
+            for r in resources
+        ]
 
     def _render(self, stored: StoredStack) -> DesiredStack:
         """Rendering hashes every service; the stack's revision says when to do it again."""

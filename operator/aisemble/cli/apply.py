@@ -14,8 +14,6 @@ from aisemble.cli.printing import error, note
 from aisemble.cli.session import Session
 from aisemble.loading import ManifestError, Manifests, load_paths
 from aisemble.model import AISemble, Phase, StackKey
-from aisemble.planning.desired import render
-from aisemble.planning.planner import plan
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.reconciler import PassReport, StepOutcome
 from aisemble.sources.store import StoreError
@@ -138,28 +136,24 @@ def _dry_run(manifests: Manifests, session: Session) -> int:
         return 1
     for change in changes:
         print(f"{change} (dry run)")
-    return _print_plans([d.resource for d in manifests.documents], session, prefix="would ")[1]
+    _print_plans([d.resource for d in manifests.documents], session, prefix="would ")
+    return 0
 
 
-def _print_plans(resources: list[AISemble], session: Session, prefix: str) -> tuple[int, int]:
-    """Print what apply would do in podman; returns (number of actions, exit code)."""
+def _print_plans(resources: list[AISemble], session: Session, prefix: str) -> int:
+    """Print what apply would do in podman; returns the number of steps."""
     try:
-        with session.driver() as driver:
-            observed = driver.observe([r.key for r in resources])
+        with session.controller() as controller:
+            plans = controller.reconciler.preview(resources)
     except PodmanUnavailable as exc:
         note(f"podman is unreachable, so podman actions are not shown: {exc}")
-        return 0, 0
-    total = 0
-    for resource in resources:
-        p = plan(
-            render(resource, session.store.owner), observed.stack(resource.key), observed.has_image
-        )
+        return 0
+    for p in plans:
         for step in p.steps:
-            print(f"  {resource.key}: {prefix}{step.action.describe()}")
+            print(f"  {p.stack}: {prefix}{step.action.describe()}")
         for service, (reason, message) in sorted(p.held.items()):
-            print(f"  {resource.key}: {service} held back: {reason}: {message}")
-        total += len(p.steps)
-    return total, 0
+            print(f"  {p.stack}: {service} held back: {reason}: {message}")
+    return sum(len(p.steps) for p in plans)
 
 
 def cmd_diff(args: argparse.Namespace, session: Session) -> int:
@@ -182,7 +176,7 @@ def cmd_diff(args: argparse.Namespace, session: Session) -> int:
         if lines:
             changed = True
             sys.stdout.writelines(lines)
-    actions, _ = _print_plans([d.resource for d in manifests.documents], session, prefix="")
+    actions = _print_plans([d.resource for d in manifests.documents], session, prefix="")
     return 1 if changed or actions else 0
 
 
