@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+extras="[operator]"
+[[ "${1:-}" == "--dev" ]] && extras="[operator,dev]"
 
 say() { printf '==> %s\n' "$*"; }
 sudo_() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
