@@ -1,0 +1,244 @@
+"""The gateway's routes: the seed's AI API, jobs, workflows, and OpenAI-compatible proxying."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from aisemble.services.common import ServiceUnavailable
+from aisemble.services.common.logs import request_id
+from aisemble.services.gateway import workflows
+from aisemble.services.gateway.backends import BackendError, Backends
+from aisemble.services.gateway.jobs import FINAL, JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """What the routes need, built once by the app: backends and the job runner."""
+
+    def __init__(self, backends: Backends, runner: JobRunner | None = None) -> None:
+        self.backends = backends
+        self.runner = runner
+        self._default_model: str | None = None
+
+    async def call(self, name: str, body: dict[str, Any]) -> Any:
+        """Run one service call by name (as routes, jobs and workflow steps do)."""
+        if name == "llm.completion":
+            return await self.llm_completion(LLMCompletion.model_validate(body))
+        backend, path = {
+            "vision.analyze": ("vision", "/analyze"),
+            "nlp.analyze": ("nlp", "/analyze"),
+            "data.process": ("data", "/process"),
+        }[name]
+        return (await self.backends.call(backend, "POST", path, json=body)).body
+
+    async def llm_completion(self, req: LLMCompletion) -> dict[str, Any]:
+        body = req.model_dump(exclude_none=True, exclude={"run_async"})
+        body["model"] = req.model or await self.default_model()
+        reply = await self.backends.call("llm", "POST", "/v1/completions", json=body)
+        choice = reply.body["choices"][0]
+        return {
+            "model": reply.body.get("model"),
+            "text": choice["text"],
+            "finish_reason": choice.get("finish_reason"),
+            "usage": reply.body.get("usage"),
+        }
+
+    async def default_model(self) -> str:
+        if self._default_model is None:
+            models = (await self.backends.call("llm", "GET", "/v1/models")).body.get("data") or []
+            if not models:
+                raise ServiceUnavailable("the llm service serves no model yet", retry_after=5)
+            self._default_model = models[0]["id"]
+        return self._default_model
+
+    async def workflow(self, body: dict[str, Any]) -> dict[str, Any]:
+        flow = workflows.Workflow.model_validate(body)
+        try:
+            return await workflows.run(flow, self.call)
+        except workflows.StepFailed as exc:
+            status, detail = _error_of(exc.cause)
+            raise HTTPException(
+                status,
+                {"step": exc.step, "index": exc.index, "status": status, "error": detail},
+            ) from exc
+
+
+def _error_of(exc: Exception) -> tuple[int, Any]:
+    if isinstance(exc, BackendError):
+        return exc.status, exc.body
+    if isinstance(exc, HTTPException):
+        return exc.status_code, exc.detail
+    if isinstance(exc, ServiceUnavailable):
+        return 503, exc.detail
+    if isinstance(exc, ValueError):
+        return 422, str(exc)
+    raise exc
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+class LLMCompletion(BaseModel):
+    """POST /ai/llm/completion: a prompt in, text out."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    prompt: str = Field(min_length=1, description="The text to continue.")
+    model: str | None = Field(None, description="Model id; the LLM service's first by default.")
+    max_tokens: int = Field(128, ge=1, le=8192, description="Most tokens to generate.")
+    temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(None, description="Text that ends the completion.")
+    seed: int | None = Field(None, description="Same seed, same text.")
+    run_async: bool = Field(False, alias="async", description="Answer at once with a job id.")
+
+
+router = APIRouter()
+
+
+async def _dispatch(gw: Gateway, kind: str, body: dict[str, Any], run_async: bool) -> Response:
+    if run_async:
+        assert gw.runner is not None
+        job = gw.runner.submit(kind, body, request_id.get() or None)
+        location = f"/jobs/{job.id}"
+        return JSONResponse(
+            {"id": job.id, "kind": kind, "state": job.state, "href": location},
+            status_code=202,
+            headers={"Location": location},
+        )
+    return JSONResponse(
+        await gw.call(kind, body) if kind != "workflow" else await gw.workflow(body)
+    )
+
+
+@router.post("/ai/llm/completion", tags=["ai"])
+async def llm_completion(req: LLMCompletion, gw: GatewayDep) -> Response:
+    return await _dispatch(
+        gw, "llm.completion", req.model_dump(exclude={"run_async"}), req.run_async
+    )
+
+
+def _passthrough(kind: str):
+    async def route(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
+        run_async = body.pop("async", False)
+        if not isinstance(run_async, bool):
+            raise HTTPException(422, [{"loc": ["body", "async"], "msg": "must be true or false"}])
+        return await _dispatch(gw, kind, body, run_async)
+
+    return route
+
+
+router.post("/ai/vision/analyze", tags=["ai"], summary="Analyse an image")(
+    _passthrough("vision.analyze")
+)
+router.post("/ai/nlp/analyze", tags=["ai"], summary="Analyse text")(_passthrough("nlp.analyze"))
+router.post("/data/process", tags=["data"], summary="Run an operation list")(
+    _passthrough("data.process")
+)
+
+
+@router.post("/workflows", tags=["workflows"])
+async def run_workflow(flow: workflows.Workflow, gw: GatewayDep) -> Response:
+    body = flow.model_dump(exclude={"run_async"})
+    return await _dispatch(gw, "workflow", body, flow.run_async)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+@router.get("/jobs", tags=["jobs"])
+async def list_jobs(
+    gw: GatewayDep,
+    state: Annotated[
+        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
+    ] = None,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    assert gw.runner is not None
+    jobs = gw.runner.store.list(state=state, kind=kind, limit=limit)
+    return {"jobs": [j.view() | {"result": None} for j in jobs], "count": len(jobs)}
+
+
+@router.get("/jobs/{job_id}", tags=["jobs"])
+async def get_job(job_id: str, gw: GatewayDep) -> dict[str, Any]:
+    assert gw.runner is not None
+    job = gw.runner.store.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job.view()
+
+
+@router.delete("/jobs/{job_id}", tags=["jobs"])
+async def cancel_job(job_id: str, gw: GatewayDep) -> dict[str, Any]:
+    assert gw.runner is not None
+    before = gw.runner.store.get(job_id)
+    if before is None:
+        raise HTTPException(404, f"no job {job_id}")
+    if before.state in FINAL:
+        raise HTTPException(409, f"job {job_id} already {before.state}; nothing to cancel")
+    job = gw.runner.cancel(job_id)
+    assert job is not None
+    return job.view()
+
+
+# -- OpenAI-compatible routes ----------------------------------------------------------------
+
+
+@router.get("/v1/models", tags=["openai"])
+async def models(gw: GatewayDep) -> dict[str, Any]:
+    """The LLM's and the NLP service's models together; one of them down still lists the other."""
+    replies = await asyncio.gather(
+        gw.backends.call("llm", "GET", "/v1/models"),
+        gw.backends.call("nlp", "GET", "/v1/models"),
+        return_exceptions=True,
+    )
+    data: list[dict[str, Any]] = []
+    errors = []
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            errors.append(reply)
+        else:
+            data.extend(reply.body.get("data") or [])
+    if not data and errors:
+        raise errors[0]
+    return {"object": "list", "data": data}
+
+
+async def _openai(gw: Gateway, backend: str, path: str, body: dict[str, Any]) -> Response:
+    if body.get("stream"):
+        status, headers, chunks = await gw.backends.stream(backend, path, body)
+        return StreamingResponse(
+            chunks,
+            status_code=status,
+            media_type=headers.get("content-type", "text/event-stream"),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    reply = await gw.backends.call(backend, "POST", path, json=body)
+    return JSONResponse(reply.body, status_code=reply.status)
+
+
+@router.post("/v1/completions", tags=["openai"])
+async def completions(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
+    return await _openai(gw, "llm", "/v1/completions", body)
+
+
+@router.post("/v1/chat/completions", tags=["openai"])
+async def chat_completions(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
+    return await _openai(gw, "llm", "/v1/chat/completions", body)
+
+
+@router.post("/v1/embeddings", tags=["openai"])
+async def embeddings(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
+    return await _openai(gw, "nlp", "/v1/embeddings", body)
