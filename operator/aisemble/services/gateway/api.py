@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Annotated, Any
 
@@ -25,22 +26,17 @@ class Gateway:
     def __init__(self, backends: Backends, runner: JobRunner | None = None) -> None:
         self.backends = backends
         self.runner = runner
-        self._default_model: str | None = None
 
     async def call(self, name: str, body: dict[str, Any]) -> Any:
         """Run one service call by name (as routes, jobs and workflow steps do)."""
         if name == "llm.completion":
             return await self.llm_completion(LLMCompletion.model_validate(body))
-        backend, path = {
-            "vision.analyze": ("vision", "/analyze"),
-            "nlp.analyze": ("nlp", "/analyze"),
-            "data.process": ("data", "/process"),
-        }[name]
+        backend, path = _ROUTES[name]
         return (await self.backends.call(backend, "POST", path, json=body)).body
 
     async def llm_completion(self, req: LLMCompletion) -> dict[str, Any]:
+        # Without a model the LLM service uses the one it serves.
         body = req.model_dump(exclude_none=True, exclude={"run_async"})
-        body["model"] = req.model or await self.default_model()
         reply = await self.backends.call("llm", "POST", "/v1/completions", json=body)
         choice = reply.body["choices"][0]
         return {
@@ -49,14 +45,6 @@ class Gateway:
             "finish_reason": choice.get("finish_reason"),
             "usage": reply.body.get("usage"),
         }
-
-    async def default_model(self) -> str:
-        if self._default_model is None:
-            models = (await self.backends.call("llm", "GET", "/v1/models")).body.get("data") or []
-            if not models:
-                raise ServiceUnavailable("the llm service serves no model yet", retry_after=5)
-            self._default_model = models[0]["id"]
-        return self._default_model
 
     async def workflow(self, body: dict[str, Any]) -> dict[str, Any]:
         flow = workflows.Workflow.model_validate(body)
@@ -95,7 +83,7 @@ class LLMCompletion(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     prompt: str = Field(min_length=1, description="The text to continue.")
-    model: str | None = Field(None, description="Model id; the LLM service's first by default.")
+    model: str | None = Field(None, description="Model id; by default the one the LLM serves.")
     max_tokens: int = Field(128, ge=1, le=8192, description="Most tokens to generate.")
     temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -129,12 +117,42 @@ async def llm_completion(req: LLMCompletion, gw: GatewayDep) -> Response:
     )
 
 
+_ROUTES = {
+    "vision.analyze": ("vision", "/analyze"),
+    "nlp.analyze": ("nlp", "/analyze"),
+    "data.process": ("data", "/process"),
+}
+
+
 def _passthrough(kind: str):
-    async def route(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
-        run_async = body.pop("async", False)
-        if not isinstance(run_async, bool):
-            raise HTTPException(422, [{"loc": ["body", "async"], "msg": "must be true or false"}])
-        return await _dispatch(gw, kind, body, run_async)
+    backend, path = _ROUTES[kind]
+
+    async def route(request: Request, gw: GatewayDep) -> Response:
+        raw = await request.body()
+        # The backend validates the body; the gateway only looks inside for "async",
+        # and only parses when the bytes could hold it (the hot path forwards them as-is).
+        if b'"async"' in raw:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise HTTPException(
+                    422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}"}]
+                ) from exc
+            if isinstance(body, dict) and "async" in body:
+                run_async = body.pop("async")
+                if not isinstance(run_async, bool):
+                    raise HTTPException(
+                        422, [{"loc": ["body", "async"], "msg": "must be true or false"}]
+                    )
+                if run_async:
+                    return await _dispatch(gw, kind, body, True)
+                raw = json.dumps(body).encode()
+        reply = await gw.backends.forward(backend, path, raw)
+        return Response(
+            reply.content,
+            status_code=reply.status_code,
+            media_type=reply.headers.get("content-type"),
+        )
 
     return route
 
