@@ -93,6 +93,8 @@ def get_scheduler(request: Request) -> Scheduler:
         raise ServiceUnavailable(
             f"the model failed to load: {readiness.detail}", readiness.retry_after
         )
+    if readiness.state == "waiting":
+        raise ServiceUnavailable(readiness.detail, readiness.retry_after)
     raise ServiceUnavailable("the model is still loading; retry shortly", readiness.retry_after)
 
 

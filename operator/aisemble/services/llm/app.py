@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -27,6 +28,8 @@ log = logging.getLogger("aisemble.services.llm")
 
 # Small models load in seconds: clients and probes should look again soon.
 LOADING_RETRY_AFTER = 2
+# How often to look for a model that is not there yet.
+MODEL_POLL_S = 1.0
 
 
 class _Lifecycle:
@@ -39,9 +42,11 @@ class _Lifecycle:
         self.readiness: Readiness = app.state.readiness
         self._lock = threading.Lock()
         self._closing = False
+        self._stopped = threading.Event()
 
     def start(self, engine: Any | None) -> None:
         self._closing = False
+        self._stopped.clear()
         if engine is not None:
             self._run(engine)
             return
@@ -51,6 +56,18 @@ class _Lifecycle:
         threading.Thread(target=self._load, name="llm-load", daemon=True).start()
 
     def _load(self) -> None:
+        # A stack's model volume is often filled after the stack starts (the demo does
+        # so): wait for the model to appear instead of failing for good.
+        path = Path(self.settings.model_path)
+        while not (path / "config.json").is_file():
+            self.readiness.set(
+                "waiting",
+                f"no model at {path} yet: put a model directory saved with save_pretrained "
+                f"there (a demo one: python -m aisemble.services.llm.tinymodel {path})",
+            )
+            if self._stopped.wait(MODEL_POLL_S):
+                return
+        self.readiness.set("loading", f"loading the model from {path}")
         try:
             engine = engines.load_engine(self.settings.model_path, self.settings.device)
         except engines.ModelLoadError as exc:
@@ -83,6 +100,7 @@ class _Lifecycle:
         self.readiness.set("ready")
 
     def stop(self) -> None:
+        self._stopped.set()
         with self._lock:
             self._closing = True
             scheduler, self.app.state.scheduler = self.app.state.scheduler, None
