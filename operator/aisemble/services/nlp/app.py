@@ -1,0 +1,80 @@
+"""Build the NLP app: settings, engine, routes, and the model loading in the background.
+
+The service starts answering at once; `/ready` says 503 (with Retry-After)
+until the model is loaded, or reports why it failed to load, and the routes
+that need the model answer 503 likewise meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from aisemble import __version__
+from aisemble.services.common import Readiness, ServiceUnavailable, create_app
+from aisemble.services.nlp.api import (
+    NlpMetrics,
+    OpenAIError,
+    openai_error,
+    router,
+    unavailable,
+    validation_error,
+)
+from aisemble.services.nlp.engine import NlpEngine
+from aisemble.services.nlp.settings import NlpSettings, from_env
+
+log = logging.getLogger("aisemble.services.nlp")
+
+
+def create(settings: NlpSettings | None = None, engine: NlpEngine | None = None) -> FastAPI:
+    settings = settings or from_env()
+    engine = engine or NlpEngine(settings)
+    readiness = Readiness(retry_after=settings.load_retry_after)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _load_in_background(engine, readiness)
+        yield
+
+    app = create_app(
+        "nlp",
+        version=__version__,
+        lifespan=lifespan,
+        max_body_bytes=settings.max_body_bytes,
+        readiness=readiness,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.nlp_metrics = NlpMetrics(app.state.metrics.registry)
+    app.state.created = int(time.time())  # the `created` of /v1/models
+    app.add_exception_handler(OpenAIError, openai_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ServiceUnavailable, unavailable)
+    app.include_router(router)
+    return app
+
+
+def _load_in_background(engine: NlpEngine, readiness: Readiness) -> threading.Thread:
+    """Load in a daemon thread: start-up returns at once and shutdown never waits on it."""
+    readiness.set("loading", "loading the embedding model")
+
+    def load() -> None:
+        started = time.perf_counter()
+        try:
+            engine.load()
+        except Exception as exc:
+            log.exception("the NLP model failed to load")
+            readiness.set("failed", f"the model failed to load: {exc}")
+            return
+        log.info("model %s loaded in %.1f s", engine.model_path, time.perf_counter() - started)
+        readiness.set("ready")
+
+    thread = threading.Thread(target=load, name="nlp-model-load", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,222 @@
+"""The vision routes: one endpoint, reached two ways (multipart upload or JSON with base64).
+
+Multipart is parsed here with the standard library rather than through
+FastAPI's `UploadFile`, which needs python-multipart: the body is already
+fully in memory under the 20 MiB limit, so a split on the boundary is all
+the parsing an upload needs, and the image carries one dependency less.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.message
+import email.parser
+import email.utils
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from aisemble.services.common import ServiceUnavailable
+from aisemble.services.vision.engine import BadImage, VisionEngine
+from aisemble.services.vision.schemas import (
+    AnalyzeJson,
+    AnalyzeOptions,
+    AnalyzeResponse,
+    Colour,
+    Label,
+)
+
+router = APIRouter(tags=["vision"])
+
+
+class VisionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.images = Counter(
+            "vision_images_analyzed_total",
+            "Images analysed, by file format.",
+            ["format"],
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "vision_inference_duration_seconds",
+            "Time the classification model took for one image.",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+
+def get_engine(request: Request) -> VisionEngine:
+    return request.app.state.engine
+
+
+def get_metrics(request: Request) -> VisionMetrics:
+    return request.app.state.vision_metrics
+
+
+EngineDep = Annotated[VisionEngine, Depends(get_engine)]
+MetricsDep = Annotated[VisionMetrics, Depends(get_metrics)]
+
+# The body is read by hand (two content types), so OpenAPI is told what it accepts.
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "string", "format": "binary"},
+        **{
+            name: {"type": "integer" if field.annotation is int else "boolean"}
+            for name, field in AnalyzeOptions.model_fields.items()
+        },
+    },
+}
+_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": AnalyzeJson.model_json_schema()},
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        },
+    }
+}
+
+
+@router.post("/analyze", response_model=AnalyzeResponse, openapi_extra=_REQUEST_BODY)
+async def analyze(request: Request, engine: EngineDep, metrics: MetricsDep) -> AnalyzeResponse:
+    """Describe an image (format, size, mode, EXIF, dominant colours) and classify it."""
+    data, options = await _read(request)
+    if options.classify and engine.configured and not engine.loaded:
+        readiness = request.app.state.readiness
+        if readiness.state == "failed":
+            reason = readiness.detail  # says what failed and why
+        else:
+            reason = "the classification model is still loading"
+        raise ServiceUnavailable(
+            f"{reason}; send classify=false to analyse the image without it",
+            retry_after=readiness.retry_after,
+        )
+    try:
+        result = await run_in_threadpool(
+            engine.analyze, data, options.colours, options.top_k, options.classify
+        )
+    except BadImage as exc:
+        raise _invalid("image", str(exc)) from None
+    metrics.images.labels(result.format or "unknown").inc()
+    if result.inference_seconds is not None:
+        metrics.inference.observe(result.inference_seconds)
+    if result.labels is not None:
+        note = None
+    elif not options.classify:
+        note = "classification was not requested"
+    else:
+        note = "no classification model is configured (set VISION_MODEL_PATH)"
+    return AnalyzeResponse(
+        format=result.format,
+        width=result.width,
+        height=result.height,
+        mode=result.mode,
+        frames=result.frames,
+        exif=result.exif,
+        dominant_colours=[
+            Colour(rgb=rgb, hex="#{:02x}{:02x}{:02x}".format(*rgb), fraction=round(share, 6))
+            for rgb, share in result.colours
+        ],
+        classification=None
+        if result.labels is None
+        else [Label(label=label, score=score) for label, score in result.labels],
+        model=engine.settings.model_label if result.labels is not None else None,
+        note=note,
+    )
+
+
+async def _read(request: Request) -> tuple[bytes, AnalyzeOptions]:
+    """The image bytes and the options, from whichever of the two forms was sent."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        fields = _parse_multipart(await request.body(), content_type)
+        if "image" not in fields:
+            raise _invalid("image", "the multipart body has no `image` field")
+        options = _validate(
+            AnalyzeOptions,
+            {
+                name: value.decode("utf-8", "replace")
+                for name, value in fields.items()
+                if name in AnalyzeOptions.model_fields
+            },
+        )
+        return fields["image"], options
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            sent = AnalyzeJson.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _from_pydantic(exc) from None
+        options = AnalyzeOptions.model_validate(sent.model_dump(exclude={"image"}))
+        return _decode_base64(sent.image), options
+    raise HTTPException(
+        415,
+        "send the image as multipart/form-data (file field `image`) "
+        'or as application/json {"image": "<base64>"}',
+    )
+
+
+def _validate(model: type[AnalyzeOptions], values: dict[str, Any]) -> AnalyzeOptions:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise _from_pydantic(exc) from None
+
+
+def _decode_base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise _invalid("image", "a data: URL must be base64-encoded (data:image/...;base64,)")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _invalid("image", f"the image is not valid base64: {exc}") from None
+
+
+def _parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body (RFC 7578), by name: the first of each wins."""
+    header = email.message.Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise _invalid("image", "the multipart content type has no boundary")
+    # Each part ends where CRLF--boundary begins; the leading CRLF lets the first
+    # delimiter (which opens the body) split like the others.
+    chunks = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
+    fields: dict[str, bytes] = {}
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):
+            return fields
+        _, newline, part = chunk.partition(b"\r\n")  # skips the delimiter line's padding
+        head, separator, content = part.partition(b"\r\n\r\n")
+        if not newline or not separator:
+            raise _invalid("image", "a multipart part has no header block")
+        headers = email.parser.HeaderParser().parsestr(head.decode("utf-8", "replace"))
+        name = headers.get_param("name", header="content-disposition")
+        if name is not None:
+            fields.setdefault(email.utils.collapse_rfc2231_value(name), content)
+    raise _invalid("image", "the multipart body is truncated (no closing boundary)")
+
+
+def _invalid(field: str, message: str) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own, so clients parse one error format."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}]
+    )
+
+
+def _from_pydantic(exc: ValidationError) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {**error, "loc": ("body", *error["loc"])}
+            for error in exc.errors(include_url=False, include_context=False)
+        ]
+    )
