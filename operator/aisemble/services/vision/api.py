@@ -1,18 +1,13 @@
 """The vision routes: one endpoint, reached two ways (multipart upload or JSON with base64).
 
-Multipart is parsed here with the standard library rather than through
-FastAPI's `UploadFile`, which needs python-multipart: the body is already
-fully in memory under the 20 MiB limit, so a split on the boundary is all
-the parsing an upload needs, and the image carries one dependency less.
+Both forms are read by hand (Starlette's form parser for uploads, pydantic for
+JSON) so one route can take either.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import email.message
-import email.parser
-import email.utils
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -20,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from aisemble.services.common import ServiceUnavailable
 from aisemble.services.vision.engine import BadImage, VisionEngine
@@ -137,18 +134,19 @@ async def _read(request: Request) -> tuple[bytes, AnalyzeOptions]:
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
-        fields = _parse_multipart(await request.body(), content_type)
-        if "image" not in fields:
+        try:
+            form = await request.form(max_files=1, max_fields=len(AnalyzeOptions.model_fields) + 1)
+        except MultiPartException as exc:
+            raise _invalid("image", f"the multipart body cannot be read: {exc}") from None
+        image = form.get("image")
+        if image is None:
             raise _invalid("image", "the multipart body has no `image` field")
+        data = await image.read() if isinstance(image, UploadFile) else image.encode()
         options = _validate(
             AnalyzeOptions,
-            {
-                name: value.decode("utf-8", "replace")
-                for name, value in fields.items()
-                if name in AnalyzeOptions.model_fields
-            },
+            {name: form[name] for name in AnalyzeOptions.model_fields if name in form},
         )
-        return fields["image"], options
+        return data, options
     if media == "application/json" or media.endswith("+json"):
         try:
             sent = AnalyzeJson.model_validate_json(await request.body())
@@ -179,31 +177,6 @@ def _decode_base64(text: str) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise _invalid("image", f"the image is not valid base64: {exc}") from None
-
-
-def _parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
-    """The fields of a multipart/form-data body (RFC 7578), by name: the first of each wins."""
-    header = email.message.Message()
-    header["content-type"] = content_type
-    boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary:
-        raise _invalid("image", "the multipart content type has no boundary")
-    # Each part ends where CRLF--boundary begins; the leading CRLF lets the first
-    # delimiter (which opens the body) split like the others.
-    chunks = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
-    fields: dict[str, bytes] = {}
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            return fields
-        _, newline, part = chunk.partition(b"\r\n")  # skips the delimiter line's padding
-        head, separator, content = part.partition(b"\r\n\r\n")
-        if not newline or not separator:
-            raise _invalid("image", "a multipart part has no header block")
-        headers = email.parser.HeaderParser().parsestr(head.decode("utf-8", "replace"))
-        name = headers.get_param("name", header="content-disposition")
-        if name is not None:
-            fields.setdefault(email.utils.collapse_rfc2231_value(name), content)
-    raise _invalid("image", "the multipart body is truncated (no closing boundary)")
 
 
 def _invalid(field: str, message: str) -> RequestValidationError:
