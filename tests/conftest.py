@@ -17,7 +17,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import podman
 import pytest
+from podman_helpers import Env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_IMAGE = "localhost/aisemble/tiny:latest"
@@ -26,7 +28,7 @@ REQUIRE_PODMAN = os.environ.get("AISEMBLE_REQUIRE_PODMAN") == "1"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "/integration/" in str(item.fspath):
+        if "/integration/" in str(item.fspath) or "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.podman)
 
 
@@ -96,3 +98,14 @@ def podman_env(podman_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def stack_name() -> str:
     """A stack name no other test (or earlier run) uses, so tests never collide in podman."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def env(podman_env: Path, tmp_path: Path) -> Iterator[Env]:
+    client = podman.PodmanClient(base_url=os.environ["CONTAINER_HOST"])
+    environment = Env(podman_env, tmp_path, client)
+    try:
+        yield environment
+    finally:
+        environment.cleanup()
+        client.close()

@@ -156,8 +156,9 @@ def create_app(
             headers={"Retry-After": str(exc.retry_after)},
         )
 
-    app.add_middleware(_Observe, metrics=app.state.metrics)
+    # The last added runs first: every answer, a 413 too, gets its request id, log and count.
     app.add_middleware(_LimitBody, limit=max_body_bytes)
+    app.add_middleware(_Observe, metrics=app.state.metrics)
     return app
 
 

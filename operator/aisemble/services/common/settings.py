@@ -2,7 +2,9 @@
 
 `env_settings(Model, prefix)` fills a model from `PREFIX_FIELD` variables
 (field names upper-cased), so `LLM_MAX_BATCH_SIZE=8` sets `max_batch_size`.
-A bad value fails at start-up with the variable's name in the message.
+An empty variable counts as unset (`VISION_MODEL_PATH=` keeps the default), as
+manifests often carry a variable empty for people to fill in. A bad value
+fails at start-up with the variable's name in the message.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def env_settings(model: type[M], prefix: str, environ: dict[str, str] | None = N
     values = {}
     for name in model.model_fields:
         variable = f"{prefix}_{name}".upper()
-        if variable in env:
+        if env.get(variable, "") != "":
             values[name] = env[variable]
     try:
         return model.model_validate(values)
