@@ -26,6 +26,8 @@ static_busybox() {  # ldd exits 1 on a static binary: keep that from failing the
 static_busybox || missing+=(busybox-static)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v git >/dev/null || missing+=(git)
+# `aisemble images build` makes the images' base OS with it where no registry is reachable.
+have_sbin debootstrap || missing+=(debootstrap)
 
 apt_updated=""
 apt_install() {

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from aisemble import __version__
+from aisemble.cli import images as images_cli
 from aisemble.cli.printing import error, parse_duration
 from aisemble.telemetry import logs
 
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check the host; print a fix for each failure")
     p.add_argument("--fix", action="store_true", help="apply the fixes that are safe to apply")
+
+    images_cli.add_parser(sub)
     return parser
 
 
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "events": show.cmd_events,
         "run": run.cmd_run,
         "doctor": doctor.cmd_doctor,
+        "images": images_cli.cmd_images,
     }
     try:
         session = Session(args.state_dir)
