@@ -586,3 +586,10 @@ def _sample(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_the_demo_model_is_readable_by_every_user(tmp_path: Path) -> None:
+    path = make_tiny_model(tmp_path / "m")
+    assert {f.name: f.stat().st_mode & 0o444 for f in path.iterdir()} == {
+        f.name: 0o444 for f in path.iterdir()
+    }

@@ -103,6 +103,11 @@ def make_tiny_model(
     _readable_output(model, tokenizer)
     model.eval()
     model.save_pretrained(path)
+    # safetensors writes its file 0600; a model in a shared volume is read by the
+    # services' own user, whoever wrote it.
+    for written in path.iterdir():
+        if written.is_file():
+            written.chmod(0o644)
     return path
 
 
