@@ -350,7 +350,7 @@ def test_requests_wait_for_the_model_and_hear_why_it_failed() -> None:
     assert "still loading" in loading.json()["error"]["message"]
     assert settled == {
         "status": "failed",
-        "detail": "the model failed to load: weights are corrupt",
+        "detail": "the embedding model failed to load: weights are corrupt",
     }
     assert failed.status_code == 503
     assert "weights are corrupt" in failed.json()["detail"]

@@ -18,9 +18,16 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from aisemble.services.common import ServiceUnavailable
+from aisemble.services.common.openai import (
+    ErrorDetail,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+)
 from aisemble.services.llm.batching import (
     GenerationFailed,
     GenerationRequest,
@@ -43,10 +50,6 @@ from aisemble.services.llm.schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
-    ErrorDetail,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
     Usage,
 )
 from aisemble.services.llm.settings import LLMSettings
@@ -54,29 +57,6 @@ from aisemble.services.llm.settings import LLMSettings
 # OpenAI's default for /v1/completions; chat defaults to what the limits allow.
 DEFAULT_COMPLETION_TOKENS = 16
 QUEUE_RETRY_AFTER = 1  # the queue drains a batch at a time: seconds, not minutes
-
-
-class OpenAIError(Exception):
-    """An error answered with OpenAI's body, so clients show its message and code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorResponse(
-            error=ErrorDetail(message=message, type=type, param=param, code=code)
-        )
-
-
-async def openai_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, OpenAIError)
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status)
 
 
 def get_settings(request: Request) -> LLMSettings:

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from aisemble.services.common import Readiness, create_app
+from aisemble.services.common import Readiness, create_app, openai
 from aisemble.services.llm import api
 from aisemble.services.llm import engine as engines
 from aisemble.services.llm.batching import LLMMetrics, Scheduler
@@ -129,5 +129,5 @@ def create(settings: LLMSettings | None = None, engine: Any | None = None) -> Fa
     app.state.created = int(time.time())
     lifecycle = _Lifecycle(app, settings, LLMMetrics(app.state.metrics.registry))
     app.include_router(api.router)
-    app.add_exception_handler(api.OpenAIError, api.openai_error)
+    openai.install(app)
     return app

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from aisemble.services.common import ServiceUnavailable
+from aisemble.services.common.openai import ModelCard, ModelList, OpenAIError, error_response
 from aisemble.services.nlp import textstats
 from aisemble.services.nlp.engine import Embedded, NlpEngine
 from aisemble.services.nlp.schemas import (
@@ -33,10 +34,6 @@ from aisemble.services.nlp.schemas import (
     EmbeddingsResponse,
     LabelScore,
     Language,
-    ModelCard,
-    ModelList,
-    OpenAIErrorDetail,
-    OpenAIErrorResponse,
     Sentiment,
     SimilarityRequest,
     SimilarityResponse,
@@ -71,27 +68,6 @@ class NlpMetrics:
             yield
         finally:
             self.inference.labels(operation).observe(time.perf_counter() - started)
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind = (
-            status,
-            message,
-            code,
-            param,
-            kind,
-        )
 
 
 def get_settings(request: Request) -> NlpSettings:
@@ -197,17 +173,12 @@ async def embeddings(
     )
 
 
-async def openai_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, OpenAIError)
-    return _openai_response(exc.status, exc.message, exc.kind, exc.param, exc.code)
-
-
 async def unavailable(request: Request, exc: Exception) -> JSONResponse:
     """503 with Retry-After, as the common app answers it, in OpenAI's shape under /v1."""
     assert isinstance(exc, ServiceUnavailable)
     headers = {"Retry-After": str(exc.retry_after)}
     if request.url.path.startswith("/v1/"):
-        response = _openai_response(503, exc.detail, "service_unavailable", None)
+        response = error_response(503, exc.detail, "service_unavailable")
         response.headers.update(headers)
         return response
     return JSONResponse({"detail": exc.detail}, status_code=503, headers=headers)
@@ -224,18 +195,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         f"{param}: {error['msg']}" if param else error["msg"]
         for param, error in zip(params, errors, strict=True)
     )
-    return _openai_response(
+    return error_response(
         422, message or "invalid request", "invalid_request_error", params[0] if params else None
     )
-
-
-def _openai_response(
-    status: int, message: str, kind: str, param: str | None, code: str | None = None
-) -> JSONResponse:
-    body = OpenAIErrorResponse(
-        error=OpenAIErrorDetail(message=message, type=kind, param=param, code=code)
-    )
-    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def _analyze(

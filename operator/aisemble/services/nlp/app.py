@@ -8,7 +8,6 @@ that need the model answer 503 likewise meanwhile.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,11 +16,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from aisemble import __version__
-from aisemble.services.common import Readiness, ServiceUnavailable, create_app
+from aisemble.services.common import Readiness, ServiceUnavailable, create_app, openai
+from aisemble.services.common.loading import load_in_background
 from aisemble.services.nlp.api import (
     NlpMetrics,
-    OpenAIError,
-    openai_error,
     router,
     unavailable,
     validation_error,
@@ -39,7 +37,7 @@ def create(settings: NlpSettings | None = None, engine: NlpEngine | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        _load_in_background(engine, readiness)
+        load_in_background(engine.load, readiness, "the embedding model", log)
         yield
 
     app = create_app(
@@ -53,28 +51,8 @@ def create(settings: NlpSettings | None = None, engine: NlpEngine | None = None)
     app.state.engine = engine
     app.state.nlp_metrics = NlpMetrics(app.state.metrics.registry)
     app.state.created = int(time.time())  # the `created` of /v1/models
-    app.add_exception_handler(OpenAIError, openai_error)
+    openai.install(app)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ServiceUnavailable, unavailable)
     app.include_router(router)
     return app
-
-
-def _load_in_background(engine: NlpEngine, readiness: Readiness) -> threading.Thread:
-    """Load in a daemon thread: start-up returns at once and shutdown never waits on it."""
-    readiness.set("loading", "loading the embedding model")
-
-    def load() -> None:
-        started = time.perf_counter()
-        try:
-            engine.load()
-        except Exception as exc:
-            log.exception("the NLP model failed to load")
-            readiness.set("failed", f"the model failed to load: {exc}")
-            return
-        log.info("model %s loaded in %.1f s", engine.model_path, time.perf_counter() - started)
-        readiness.set("ready")
-
-    thread = threading.Thread(target=load, name="nlp-model-load", daemon=True)
-    thread.start()
-    return thread

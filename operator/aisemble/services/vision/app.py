@@ -8,8 +8,6 @@ but images are still described: only classifying waits for the model.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +15,7 @@ from fastapi import FastAPI
 
 from aisemble import __version__
 from aisemble.services.common import Readiness, create_app
+from aisemble.services.common.loading import load_in_background
 from aisemble.services.vision.api import VisionMetrics, router
 from aisemble.services.vision.engine import VisionEngine
 from aisemble.services.vision.settings import VisionSettings, from_env
@@ -32,7 +31,8 @@ def create(settings: VisionSettings | None = None, engine: VisionEngine | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.configured:
-            _load_in_background(engine, readiness)
+            what = f"the classification model {settings.model_path}"
+            load_in_background(engine.load, readiness, what, log)
         else:
             readiness.set("ready", "no classification model configured")
         yield
@@ -49,24 +49,3 @@ def create(settings: VisionSettings | None = None, engine: VisionEngine | None =
     app.state.vision_metrics = VisionMetrics(app.state.metrics.registry)
     app.include_router(router)
     return app
-
-
-def _load_in_background(engine: VisionEngine, readiness: Readiness) -> threading.Thread:
-    """Load in a daemon thread: start-up returns at once and shutdown never waits on it."""
-    path = engine.settings.model_path
-    readiness.set("loading", f"loading the classification model from {path}")
-
-    def load() -> None:
-        started = time.perf_counter()
-        try:
-            engine.load()
-        except Exception as exc:
-            log.exception("the classification model at %s failed to load", path)
-            readiness.set("failed", f"the classification model failed to load: {exc}")
-            return
-        log.info("classification model loaded in %.1f s", time.perf_counter() - started)
-        readiness.set("ready")
-
-    thread = threading.Thread(target=load, name="vision-model-load", daemon=True)
-    thread.start()
-    return thread
