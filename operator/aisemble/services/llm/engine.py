@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aisemble.services.common.models import pick_device, prepare_transformers
+
 if TYPE_CHECKING:
     import torch
 
@@ -292,10 +294,9 @@ def load_engine(path: Path | str, device: str | None = None) -> Engine:
     started = time.monotonic()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # progress bars would break the JSON log lines
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prepare_transformers()
+    device = pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:

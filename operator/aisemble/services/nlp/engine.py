@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aisemble.services.common.models import pick_device, prepare_transformers
 from aisemble.services.nlp.settings import NlpSettings
 
 SENTIMENTS = ("positive", "negative", "neutral")
@@ -121,18 +122,11 @@ class NlpEngine:
             path = self.model_path or default_model_path()
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"the NLP model directory {path!r} does not exist")
-            # Local files only: the service has no route to a model hub, and must not try.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             import torch
             from transformers import AutoModel, AutoTokenizer
-            from transformers.utils import logging as transformers_logging
 
-            # Its progress bars would interleave raw text with the service's JSON log lines.
-            transformers_logging.disable_progress_bar()
-
-            device = torch.device(
-                self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            )
+            prepare_transformers()
+            device = torch.device(pick_device(self.settings.device))
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
             self._torch, self._tokenizer, self._device = torch, tokenizer, device

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aisemble.services.common.models import pick_device, prepare_transformers
 from aisemble.services.vision.settings import VisionSettings
 
 # Colours are counted on a copy no larger than this: the fractions barely move
@@ -70,18 +71,11 @@ class VisionEngine:
             assert path is not None
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"VISION_MODEL_PATH {path!r} is not a directory")
-            # Models come from local files only: the images have no route to a hub.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             import torch
             from transformers import AutoImageProcessor, AutoModelForImageClassification
-            from transformers.utils import logging as transformers_logging
 
-            # Its progress bars would interleave raw text with the service's JSON log lines.
-            transformers_logging.disable_progress_bar()
-
-            device = torch.device(
-                self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            )
+            prepare_transformers()
+            device = torch.device(pick_device(self.settings.device))
             processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
             model = AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
             model.eval().to(device)
