@@ -28,6 +28,11 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v git >/dev/null || missing+=(git)
 # `aisemble images build` makes the images' base OS with it where no registry is reachable.
 have_sbin debootstrap || missing+=(debootstrap)
+# The tests run the data processor's Spark engine on the host: it needs a Java runtime
+# (Debian's default is 17 on 12 and 21 on 13; Spark 4 takes either).
+if [[ "$extras" == *dev* ]] && ! command -v java >/dev/null; then
+  missing+=(default-jre-headless)
+fi
 
 apt_updated=""
 apt_install() {
@@ -43,6 +48,7 @@ if ((${#missing[@]})); then
   elif command -v dnf >/dev/null; then
     rpm_names=("${missing[@]/busybox-static/busybox}")
     rpm_names=("${rpm_names[@]/python3-venv/python3}")
+    rpm_names=("${rpm_names[@]/default-jre-headless/java-17-openjdk-headless}")
     say "installing ${rpm_names[*]} (dnf)"
     sudo_ dnf install -y -q "${rpm_names[@]}"
   else
