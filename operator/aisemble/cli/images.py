@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aisemble.cli.printing import age, error, table
 from aisemble.podman import images
@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # the session pulls in the podman client: not needed to build
     from aisemble.cli.session import Session
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Any) -> None:
+    """`sub` has add_parser() like argparse's subparsers (main's adds the global options)."""
     p = sub.add_parser("images", help="build and list the AI service images")
     images_sub = p.add_subparsers(dest="images_command", metavar="SUBCOMMAND")
     b = images_sub.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from aisemble import __version__
 from aisemble.cli import images as images_cli
@@ -33,14 +34,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run stacks of AI services on this Podman host, declaratively.",
     )
     parser.add_argument("--version", action="version", version=f"aisemble {__version__}")
-    parser.add_argument(
-        "--state-dir",
-        help="where the store lives (default: $AISEMBLE_STATE_DIR, "
-        "/var/lib/aisemble as root, ~/.local/share/aisemble otherwise)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # The global options are taken before or after the command, as kubectl does:
+    # the command's copies default to SUPPRESS, so an absent one keeps the global value.
+    def global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+        def default(value: object) -> object:
+            return argparse.SUPPRESS if suppress else value
+
+        p.add_argument(
+            "--state-dir",
+            default=default(None),
+            help="where the store lives (default: $AISEMBLE_STATE_DIR, "
+            "/var/lib/aisemble as root, ~/.local/share/aisemble otherwise)",
+        )
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=default(False), help="log debug detail"
+        )
+        p.add_argument("--log-format", choices=["text", "json"], default=default("text"))
+
+    global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    global_options(common, suppress=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    class _WithGlobals:
+        """add_parser() that gives every command the global options too."""
+
+        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return commands.add_parser(name, parents=[common], **kwargs)
+
+    sub = _WithGlobals()
 
     def files(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument(
