@@ -114,7 +114,7 @@ def _list() -> int:
             sys.stderr.write(f"hint: {exc.hint}\n")
         return 1
     table(
-        ["name", "image", "id", "size", "age"],
+        ["NAME", "IMAGE", "ID", "SIZE", "AGE"],
         [
             (
                 r["name"],
@@ -136,13 +136,6 @@ def _age(created: object) -> str:
     if not isinstance(created, str):
         return ""
     try:
-        # podman prints nanoseconds; fromisoformat takes at most microseconds.
-        text = created.replace("Z", "+00:00")
-        head, dot, rest = text.partition(".")
-        if dot:
-            digits = "".join(c for c in rest if c.isdigit())
-            zone = rest[len(digits) :]
-            text = f"{head}.{digits[:6]}{zone}"
-        return age(datetime.fromisoformat(text))
+        return age(datetime.fromisoformat(created))  # 3.11 reads podman's nanoseconds and Z
     except ValueError:
         return ""
