@@ -65,10 +65,23 @@ class Env:
 
     def pods(self, stack: str | None = None) -> list[dict[str, Any]]:
         label = f"aisemble.io/owner={self.owner}"
-        pods = [p.attrs for p in self.client.pods.list(filters={"label": label})]
+        pods = [
+            p.attrs
+            for p in self.client.pods.list(filters={"label": label})
+            if (p.attrs.get("Labels") or {}).get("aisemble.io/role") != "status"
+        ]
         if stack is not None:
             pods = [p for p in pods if p["Labels"].get("aisemble.io/stack") == stack]
         return sorted(pods, key=lambda p: p["Name"])
+
+    def status_pod(self, stack: str) -> dict[str, str] | None:
+        """The labels of the pod mirroring the stack's status, if there is one."""
+        label = f"aisemble.io/owner={self.owner}"
+        for pod in self.client.pods.list(filters={"label": label}):
+            labels = pod.attrs.get("Labels") or {}
+            if labels.get("aisemble.io/role") == "status" and labels.get("aisemble.io/stack") == stack:
+                return labels
+        return None
 
     def containers(self, stack: str) -> list[dict[str, Any]]:
         label = f"aisemble.io/stack={stack}"

@@ -1,11 +1,15 @@
 """The long-running loop behind `aisemble run`: sources in, reconcile passes out.
 
-Each round syncs the sources that changed, takes one snapshot of the host
-(a constant number of podman calls, however many stacks), and reconciles every
-stack of this loop's sources against it, skipping stacks another process
-(an `aisemble apply`) is reconciling right now. Stacks podman still has but
-the store does not know are orphans and are removed. If podman stops
-answering, the loop waits with exponential backoff and carries on.
+Three things make the loop look at a stack: podman's event stream says
+something happened to it (a container died, was removed, a network went), a
+pass asked to be looked at again (a crash back-off ends, a health check is
+due), or the periodic full resync. A full resync takes one snapshot of the
+host (a constant number of podman calls, however many stacks) and reconciles
+every stack of this loop's sources against it; a single stack is observed on
+its own. Stacks another process (an `aisemble apply`) is reconciling right now
+are skipped and looked at again soon. Stacks podman still has but the store
+does not know are orphans and are removed. If podman stops answering, the
+stacks say so in their status and the loop retries with exponential backoff.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aisemble.model import Phase, StackKey
+from aisemble.planning import naming
+from aisemble.planning.status import unreachable
 from aisemble.podman.errors import PodmanUnavailable
+from aisemble.podman.events import EventFollower, StackEvent
 from aisemble.reconciler import PassReport, Reconciler
 from aisemble.sources.directory import DirectorySource
 from aisemble.sources.store import CLI_SOURCE
@@ -26,6 +33,9 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.5  # seconds between looks at watched directories
 MAX_BACKOFF = 30.0
+# Events come in bursts (one action makes several); a stack is looked at once per burst.
+DEBOUNCE = 0.05
+BUSY_RETRY = 1.0  # another process holds the stack: look again after this
 # How often a round also lists pods, to find pods left without their container.
 FULL_SWEEP_INTERVAL = 300.0
 
@@ -57,14 +67,69 @@ class Controller:
         self.resync = resync
         self.stop = stop or threading.Event()
         self._last_full_sweep: float | None = None
+        # Stacks to look at, and when (time.monotonic()); filled by events and passes.
+        self._due: dict[StackKey, float] = {}
+        self._due_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._last_died: dict[str, int | None] = {}  # container -> exit code of its last death
+        self._resync_requested = False
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def schedule(self, key: StackKey, delay: float = 0.0) -> None:
+        """Look at `key` in `delay` seconds (or sooner, if already due sooner)."""
+        due = time.monotonic() + delay
+        with self._due_lock:
+            if key not in self._due or self._due[key] > due:
+                self._due[key] = due
+        self._wake.set()
+
+    def _take_due(self) -> list[StackKey]:
+        now = time.monotonic()
+        with self._due_lock:
+            due = sorted(k for k, t in self._due.items() if t <= now)
+            for key in due:
+                del self._due[key]
+        return due
+
+    def _next_due(self) -> float | None:
+        with self._due_lock:
+            return min(self._due.values()) if self._due else None
+
+    def on_event(self, event: StackEvent) -> None:
+        """Called by the event follower's thread for every event of one of our stacks."""
+        if event.kind == "container":
+            if event.action == "died":
+                self._last_died[event.name] = event.exit_code
+            elif event.action == "restart":
+                # podman's restart policy brought it back: it counts towards the back-off.
+                pod = naming.pod_of_container(event.name)
+                if pod is not None:
+                    self.store.record_restart(
+                        event.key, pod, "podman", self._last_died.get(event.name)
+                    )
+        self.schedule(event.key, DEBOUNCE)
+
+    def request_resync(self) -> None:
+        """Resync everything soon (the event stream was down: events may be lost)."""
+        self._resync_requested = True
+        self._wake.set()
+
+    def _mine(self, key: StackKey) -> bool:
+        """Stacks of this loop's sources, and orphans (no source at all)."""
+        stored = self.store.get(key)
+        return stored is None or stored.source in self.sources
 
     def sync_sources(self, force: bool = False) -> bool:
-        """Sync directories whose files changed; returns whether any stack changed."""
+        """Sync directories whose files changed, and schedule the stacks that changed."""
         changed = False
         for directory in self.directories:
             if force or directory.changed():
                 outcome = directory.sync()
-                changed |= any(c.verb != "unchanged" for c in outcome.changes)
+                for change in outcome.changes:
+                    if change.verb != "unchanged":
+                        self.schedule(change.key)
+                        changed = True
                 for skipped in outcome.skipped:
                     log.info("%s", skipped)
         return changed
@@ -101,35 +166,81 @@ class Controller:
                 released = self.store.released_at(key)
                 snapshot = observed if released is None or released < taken else None
                 report = self.reconciler.reconcile(key, snapshot, fresh)
+            self._after(report)
             reports.append(report)
-            for outcome in report.outcomes:
-                (log.info if outcome.ok else log.warning)("%s: %s", key, outcome.describe())
-            if report.phase_changed and report.status is not None:
-                status = report.status
-                ready = status.condition("Ready")
-                healthy = status.phase.value in ("Ready", "Progressing", "Suspended")
-                (log.info if healthy else log.warning)(
-                    "%s: %s %s%s",
-                    key,
-                    status.phase.value,
-                    status.ready,
-                    f" ({ready.message})" if ready and not healthy else "",
-                )
+        for key in busy:
+            self.schedule(key, BUSY_RETRY)
         return RoundReport(reports, busy)
 
-    def run_forever(self) -> None:
+    def reconcile_one(self, key: StackKey) -> PassReport | None:
+        """A pass over one stack, observed on its own; None if another process has it."""
+        with self.store.lock(key, timeout=0) as acquired:
+            if not acquired:
+                self.schedule(key, BUSY_RETRY)
+                return None
+            report = self.reconciler.reconcile(key)
+        self._after(report)
+        return report
+
+    def _after(self, report: PassReport) -> None:
+        """Log what a pass did and schedule the next look it asked for."""
+        key = report.key
+        for outcome in report.outcomes:
+            (log.info if outcome.ok else log.warning)("%s: %s", key, outcome.describe())
+        status = report.status
+        if report.phase_changed and status is not None:
+            ready = status.condition("Ready")
+            healthy = status.phase.value in ("Ready", "Progressing", "Suspended")
+            (log.info if healthy else log.warning)(
+                "%s: %s %s%s",
+                key,
+                status.phase.value,
+                status.ready,
+                f" ({ready.message})" if ready and not healthy else "",
+            )
+        if report.requeue_after is not None:
+            self.schedule(key, report.requeue_after)
+        if report.outcomes:
+            # Look again soon: what was started may not be ready yet.
+            self.schedule(key, 1.0)
+
+    def run_forever(self, follower: EventFollower | None = None) -> None:
+        """Until stopped: full resyncs every `resync` seconds, single stacks in between."""
         self.sync_sources(force=True)
+        if follower is not None:
+            follower.start()
         backoff = 1.0
+        next_resync = 0.0
         while not self.stop.is_set():
             try:
-                report = self.round()
+                if time.monotonic() >= next_resync or self._resync_requested:
+                    self._resync_requested = False
+                    self.round()
+                    next_resync = time.monotonic() + self.resync
+                for key in self._take_due():
+                    if self._mine(key):
+                        self.reconcile_one(key)
                 backoff = 1.0
-                # Work done or someone else busy: look again soon, things are moving.
-                wait = 1.0 if report.actions or report.busy else self.resync
             except PodmanUnavailable as exc:
                 log.warning("podman is unreachable (%s); retrying in %.0fs", exc, backoff)
-                wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
-            self._idle(wait)
+                self._report_unreachable(str(exc))
+                next_resync = time.monotonic() + backoff
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            due = self._next_due()
+            until = next_resync if due is None else min(due, next_resync)
+            self._idle(max(0.0, until - time.monotonic()))
+
+    def _report_unreachable(self, message: str) -> None:
+        """Say in every stack's status that podman cannot be asked (and since when)."""
+        now = self.reconciler.clock()
+        for stored in self.store.list(include_deleting=False):
+            if stored.source not in self.sources or stored.status is None:
+                continue
+            status = unreachable(stored.status, message, now)
+            if self.store.write_status(stored.key, status) and stored.status.phase != status.phase:
+                self.store.record_event(
+                    stored.key, "PodmanUnreachable", message, type_="Warning", now=now
+                )
 
     def converge(
         self,
@@ -168,13 +279,16 @@ class Controller:
         return last
 
     def _idle(self, seconds: float) -> None:
-        """Wait up to `seconds`, waking early when a watched directory changes."""
-        remaining = seconds
-        while remaining > 0 and not self.stop.is_set():
-            step = min(WATCH_INTERVAL, remaining) if self.directories else remaining
-            if self.stop.wait(step):
+        """Wait up to `seconds`, waking early for an event, a stop or a changed directory."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return
-            remaining -= step
+            step = min(WATCH_INTERVAL, remaining) if self.directories else remaining
+            if self._wake.wait(step):
+                self._wake.clear()
+                return
             if self.directories and self.sync_sources():
                 return
 

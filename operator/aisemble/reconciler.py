@@ -19,15 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from aisemble.model import AISemble, AISembleStatus, StackKey
+from aisemble.model import AISemble, AISembleStatus, Phase, StackKey
+from aisemble.planning import naming
 from aisemble.planning.actions import (
+    Backoff,
     Plan,
+    StartPod,
     Step,
 )
 from aisemble.planning.desired import DesiredStack, render
-from aisemble.planning.observed import Observed
-from aisemble.planning.planner import plan
-from aisemble.planning.status import PassResult, fold
+from aisemble.planning.observed import Observed, ObservedStack
+from aisemble.planning.planner import CRASH_LOOP_RESTARTS, plan
+from aisemble.planning.status import DEADLINE_EXCEEDED, PassResult, fold
 from aisemble.podman.driver import PodmanDriver
 from aisemble.podman.errors import ActionFailed, PodmanUnavailable
 from aisemble.sources.store import Store, StoredStack
@@ -69,6 +72,7 @@ class PassReport:
     status: AISembleStatus | None = None
     forgotten: bool = False  # the stack was deleted and is now gone entirely
     phase_changed: bool = False
+    requeue_after: float | None = None  # seconds until a new pass is due (back-off, health)
 
     @property
     def failed(self) -> list[StepOutcome]:
@@ -104,37 +108,132 @@ class Reconciler:
         A caller that just read the stack from the store (under the lock) may pass it.
         """
         stored = stored or self.store.get(key)  # 1. load
+        full = observed is None
         if observed is None:  # 2. observe (one stack: cheap enough to look at pods too)
             observed = self.driver.observe([key], full=True)
-        current = observed.stack(key)
 
         if stored is None or stored.deleting:
-            purge = bool(stored and stored.purge_volumes)
-            report = PassReport(key, plan(None, current, observed.has_image, purge_volumes=purge))
-            report.outcomes = self._execute(report.plan)
-            if stored is not None and not report.failed:
-                after = self.driver.observe([key], full=True).stack(key)
-                if not after.pods and after.network is None:
-                    self.store.forget(key)
-                    report.forgotten = True
-            return report
+            return self._teardown(key, stored, observed.stack(key), observed)
 
-        desired = self._render(stored)
-        report = PassReport(key, plan(desired, current, observed.has_image))  # 3. plan
+        resource = self._running_spec(stored)
+        desired = self._render(stored, resource)
+        observed = self.driver.check_health(observed, [key])
+        now = self.clock()
+        history = self.store.restarts(key)
+        report = PassReport(  # 3. plan
+            key,
+            plan(desired, observed.stack(key), observed.has_image, now=now, restarts=history),
+        )
         report.outcomes = self._execute(report.plan)  # 4. execute
+        self._record_restarts(key, report, observed)
         if report.outcomes:
-            observed = self.driver.observe([key], full=True)
+            observed = self.driver.check_health(self.driver.observe([key], full=True), [key])
+            full = True
+        current = observed.stack(key)
         result = PassResult(  # 5. status
             held=report.plan.held,
             errors=_errors_by_service(report),
             pending=report.failed_transiently,
+            backoff=report.plan.backoff,
+            logs=self._crash_logs(report.plan.backoff, current),
+            restarts={pod: len(times) for pod, times in self.store.restarts(key).items()},
+            pinned=stored.pinned,
         )
-        report.status = fold(
-            stored.resource, desired, observed.stack(key), result, self.clock(), stored.status
-        )
-        if self.store.write_status(key, report.status):
+        report.status = fold(stored.resource, desired, current, result, now, stored.status)
+        self._roll_back_if_due(stored, report)
+        if report.status.phase == Phase.READY:
+            self.store.record_ready(key, stored.resource, now=now)
+        changed = self.store.write_status(key, report.status)
+        if changed:
             report.phase_changed = self._record_status_change(key, stored.status, report.status)
+        labels = self._status_labels(key, report.status)
+        if changed or (full and current.status_labels != labels):
+            self.driver.mirror_status(key, labels)
+        report.requeue_after = _soonest(
+            report.plan.requeue_after, self.driver.next_health_check(observed, key)
+        )
         return report
+
+    def _teardown(
+        self,
+        key: StackKey,
+        stored: StoredStack | None,
+        current: ObservedStack,
+        observed: Observed,
+    ) -> PassReport:
+        purge = bool(stored and stored.purge_volumes)
+        report = PassReport(key, plan(None, current, observed.has_image, purge_volumes=purge))
+        report.outcomes = self._execute(report.plan)
+        if not report.failed:
+            after = self.driver.observe([key], full=True).stack(key)
+            if not after.pods and after.network is None and not after.strays:
+                self.driver.remove_status(key)
+                if stored is not None:
+                    self.store.forget(key)
+                    report.forgotten = True
+        return report
+
+    def _running_spec(self, stored: StoredStack) -> AISemble:
+        """The spec to run: the stack's own, or after a rollback the revision pinned."""
+        if stored.pinned is not None:
+            pinned = self.store.ready_revision(stored.key, stored.pinned)
+            if pinned is not None:
+                return pinned
+        return stored.resource
+
+    def _record_restarts(self, key: StackKey, report: PassReport, observed: Observed) -> None:
+        """Every replica this pass started again counts towards its back-off."""
+        exits = {p.name: p.main.exit_code for p in observed.stack(key).pods if p.main}
+        for outcome in report.outcomes:
+            action = outcome.step.action
+            if outcome.ok and isinstance(action, StartPod):
+                self.store.record_restart(
+                    key, action.pod, "aisemble", exits.get(action.pod), now=self.clock()
+                )
+
+    def _crash_logs(self, backoff: tuple[Backoff, ...], current: ObservedStack) -> dict[str, str]:
+        """The last output of crash-looping replicas: the first thing a person asks for."""
+        ids = {p.name: p.main.id for p in current.pods if p.main}
+        return {
+            b.pod: self.driver.logs(ids[b.pod], tail=5)
+            for b in backoff
+            if b.restarts >= CRASH_LOOP_RESTARTS and b.pod in ids
+        }
+
+    def _roll_back_if_due(self, stored: StoredStack, report: PassReport) -> None:
+        status = report.status
+        assert status is not None
+        spec = stored.resource.spec
+        if spec.rollback != "auto" or stored.pinned is not None:
+            return
+        if not any(s.reason == DEADLINE_EXCEEDED for s in status.services):
+            return
+        target = self.store.last_ready(stored.key, before=stored.generation)
+        if target is None:
+            return  # nothing was ever ready: nothing to go back to
+        generation = target.metadata.generation or 1
+        self.store.pin(stored.key, generation)
+        self.store.record_event(
+            stored.key,
+            "RolledBack",
+            f"generation {stored.generation} missed its progress deadline "
+            f"({spec.progressDeadlineSeconds}s); running generation {generation} again",
+            type_="Warning",
+            now=self.clock(),
+        )
+        report.requeue_after = 0.0
+
+    @staticmethod
+    def _status_labels(key: StackKey, status: AISembleStatus) -> dict[str, str]:
+        return {
+            naming.MANAGED_BY: naming.MANAGER,
+            naming.NAMESPACE: key.namespace,
+            naming.STACK: key.name,
+            naming.ROLE: naming.STATUS,
+            naming.PHASE: status.phase.value,
+            naming.READY: status.ready.replace("/", "-of-"),
+            naming.REVISION: str(status.currentRevision or status.observedGeneration or 0),
+        }
 
     def preview(self, resources: list[AISemble]) -> list[Plan]:
         """The plans a pass would carry out for these resources now; changes nothing."""
@@ -144,11 +243,11 @@ class Reconciler:
             for r in resources
         ]
 
-    def _render(self, stored: StoredStack) -> DesiredStack:
+    def _render(self, stored: StoredStack, resource: AISemble) -> DesiredStack:
         """Rendering hashes every service; the stack's revision says when to do it again."""
         cached = self._rendered.get(stored.key)
         if cached is None or cached[0] != stored.revision:
-            cached = (stored.revision, render(stored.resource, self.store.owner))
+            cached = (stored.revision, render(resource, self.store.owner))
             self._rendered[stored.key] = cached
         return cached[1]
 
@@ -248,3 +347,8 @@ def _errors_by_service(report: PassReport) -> dict[str, tuple[str, str]]:
             if outcome.skipped and service:
                 errors.setdefault(service, stack_errors[0])
     return errors
+
+
+def _soonest(*waits: float | None) -> float | None:
+    known = [w for w in waits if w is not None]
+    return min(known) if known else None

@@ -138,7 +138,9 @@ class TestChanges:
         path = env.write("s.yaml", stack(stack_name, services))
         diff = env.cli("diff", "-f", path)
         assert diff.code == 1
-        assert "+    - name: MODE" in diff.out and "remove pod" in diff.out
+        # A rolling update: the new replica starts beside the old, which goes once it is ready.
+        assert "+    - name: MODE" in diff.out and "create pod" in diff.out
+        assert "remove pod" not in diff.out
 
         result = env.cli("apply", "-f", path)
         assert result.code == 0, result.text

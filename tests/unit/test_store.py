@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,61 @@ class TestRevisions:
         store.forget(KEY)
         store.apply(docs(image="other"))
         assert store.revision(KEY) > first + 1
+
+
+class TestHistory:
+    def test_restarts_are_kept_per_pod_and_bounded(self, store: Store) -> None:
+        store.apply(docs())
+        for i in range(3):
+            store.record_restart(
+                KEY, "lab-web-0", "aisemble", 1, now=datetime(2026, 1, 1, 0, i, tzinfo=UTC)
+            )
+        store.record_restart(KEY, "lab-web-1", "podman", 137)
+        restarts = store.restarts(KEY)
+        assert len(restarts["lab-web-0"]) == 3 and len(restarts["lab-web-1"]) == 1
+        assert restarts["lab-web-0"] == sorted(restarts["lab-web-0"])
+
+    def test_rollback_runs_the_last_ready_generation_until_the_spec_changes(
+        self, store: Store
+    ) -> None:
+        store.apply(docs(image="v1"))
+        store.record_ready(KEY, store.get(KEY).resource)
+        store.apply(docs(image="v2"))  # generation 2, never ready
+        assert store.last_ready(KEY, before=2).spec.services[0].image == "v1"
+        assert store.last_ready(KEY, before=1) is None
+        revision = store.revision(KEY)
+        store.pin(KEY, 1)
+        assert store.get(KEY).pinned == 1 and store.revision(KEY) > revision
+        assert store.ready_revision(KEY, 1).spec.services[0].image == "v1"
+        store.apply(docs(image="v2"))  # the same spec again: still rolled back
+        assert store.get(KEY).pinned == 1
+        store.apply(docs(image="v3"))  # a new spec: try it
+        assert store.get(KEY).pinned is None
+
+    def test_forgetting_a_stack_forgets_its_history(self, store: Store) -> None:
+        store.apply(docs())
+        store.record_restart(KEY, "p", "aisemble")
+        store.record_ready(KEY, store.get(KEY).resource)
+        store.request_delete([KEY])
+        store.forget(KEY)
+        store.apply(docs())
+        assert store.restarts(KEY) == {} and store.last_ready(KEY, before=99) is None
+
+
+def test_a_store_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old"
+    store = Store(path)
+    store.apply(docs())
+    store.close()
+    db = sqlite3.connect(path / "state.db")  # make it look like a schema 1 store
+    db.execute("ALTER TABLE stacks DROP COLUMN pinned")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.commit()
+    db.close()
+    again = Store(path)
+    assert again.get(KEY).pinned is None and again.get(KEY).resource.metadata.name == "lab"
+    again.pin(KEY, 1)
+    assert again.get(KEY).pinned == 1
+    again.close()

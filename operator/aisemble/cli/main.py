@@ -130,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--events", type=int, default=10, help="recent events to show")
 
+    p = sub.add_parser(
+        "wait", help="wait until a stack's status says so (condition=Ready, phase=Ready, delete)"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument(
+        "--for",
+        dest="for_",
+        default="condition=Ready",
+        help="condition=TYPE[=True|False|Unknown], phase=PHASE or delete (default condition=Ready)",
+    )
+    p.add_argument("--timeout", type=_duration, default=30.0, help="how long to wait (default 30s)")
+
     p = sub.add_parser("events", help="what was created, removed and why")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("-n", "--namespace", default=None)
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
 
-    from aisemble.cli import apply, doctor, run, show
+    from aisemble.cli import apply, doctor, run, show, wait
     from aisemble.cli.session import Session
     from aisemble.podman.errors import PodmanUnavailable
 
@@ -173,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "get": show.cmd_get,
         "describe": show.cmd_describe,
         "events": show.cmd_events,
+        "wait": wait.cmd_wait,
         "run": run.cmd_run,
         "doctor": doctor.cmd_doctor,
         "images": images_cli.cmd_images,

@@ -9,6 +9,7 @@ import threading
 
 from aisemble.cli.printing import error
 from aisemble.cli.session import Session
+from aisemble.podman.events import EventFollower
 from aisemble.sources.directory import DirectorySource
 
 log = logging.getLogger("aisemble.run")
@@ -38,6 +39,15 @@ def cmd_run(args: argparse.Namespace, session: Session) -> int:
             report = controller.round()
             failed = [o for r in report.reports for o in r.failed]
             return 1 if failed or any(d.last_error for d in directories) else 0
-        controller.run_forever()
+        follower = None
+        if controller.driver.url is not None:
+            follower = EventFollower(
+                controller.driver.url,
+                session.store.owner,
+                on_event=controller.on_event,
+                on_reconnect=controller.request_resync,
+                stop=stop,
+            )
+        controller.run_forever(follower)
     log.info("stopped")
     return 0

@@ -20,7 +20,7 @@ class Session:
     @contextlib.contextmanager
     def driver(self) -> Iterator[PodmanDriver]:
         with connect() as connection:
-            yield PodmanDriver(connection.client, self.store.owner)
+            yield PodmanDriver(connection.client, self.store.owner, connection.url)
 
     @contextlib.contextmanager
     def controller(self, progress: Progress | None = None, **kwargs) -> Iterator[Controller]:

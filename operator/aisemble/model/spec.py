@@ -91,6 +91,39 @@ class Resources(StrictModel):
         return value
 
 
+class HttpCheck(StrictModel):
+    """An HTTP GET inside the container; any 2xx or 3xx answer is healthy."""
+
+    path: str = Field("/health", pattern=r"^/", description="Path to request.")
+    port: Port | None = Field(None, description="Port to request; defaults to the service's port.")
+
+
+class HealthCheck(StrictModel):
+    """How to tell that a replica is ready. Exactly one of `http` and `command`."""
+
+    http: HttpCheck | None = Field(None, description="Check with an HTTP GET on localhost.")
+    command: list[str] | None = Field(
+        None, min_length=1, description="Check by running this command; exit 0 is healthy."
+    )
+    intervalSeconds: int = Field(10, ge=1, le=3600, description="Seconds between checks.")
+    timeoutSeconds: int = Field(5, ge=1, le=600, description="Seconds one check may take.")
+    retries: int = Field(
+        3, ge=1, le=100, description="Consecutive failures before the replica is unhealthy."
+    )
+    startPeriodSeconds: int = Field(
+        0,
+        ge=0,
+        le=3600,
+        description="Seconds after start during which failures do not count (models loading).",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HealthCheck:
+        if (self.http is None) == (self.command is None):
+            raise ValueError("give exactly one of http and command")
+        return self
+
+
 class Service(StrictModel):
     """One service of the stack. Each replica runs as its own pod on the stack's network."""
 
@@ -119,6 +152,11 @@ class Service(StrictModel):
     dependsOn: list[DnsLabel] = Field(
         default_factory=list,
         description="Names of services that must be running before this one is started.",
+    )
+    healthcheck: HealthCheck | None = Field(
+        None,
+        description="How to tell that a replica is ready. Without one, a running process is "
+        "ready. Only ready replicas count, and dependents wait for them.",
     )
     terminationGracePeriodSeconds: int = Field(
         10,
@@ -194,6 +232,17 @@ class AISembleSpec(StrictModel):
         description="Stop reconciling the stack without deleting anything: what runs keeps "
         "running, nothing is repaired or changed until this is false again.",
     )
+    progressDeadlineSeconds: int = Field(
+        600,
+        ge=1,
+        description="Seconds a changed service may take to become ready before the stack is "
+        "Degraded (ProgressDeadlineExceeded).",
+    )
+    rollback: Literal["auto", "none"] = Field(
+        "none",
+        description="`auto`: when a change misses its progress deadline, run the last revision "
+        "that was ready again (the spec stays as given; status says what runs).",
+    )
 
     @model_validator(mode="after")
     def _references_resolve(self) -> AISembleSpec:
@@ -203,6 +252,12 @@ class AISembleSpec(StrictModel):
         by_name = {s.name: s for s in self.services}
         volumes = {v.name for v in self.volumes}
         for i, svc in enumerate(self.services):
+            check = svc.healthcheck
+            if check and check.http and check.http.port is None and svc.port is None:
+                raise SpecError(
+                    f"services[{i}].healthcheck.http.port",
+                    f"service {svc.name!r} has no port; set healthcheck.http.port",
+                )
             for j, dep in enumerate(svc.dependsOn):
                 if dep not in by_name:
                     raise SpecError(
@@ -313,6 +368,8 @@ __all__ = [
     "AISembleSpec",
     "EnvVar",
     "Expose",
+    "HealthCheck",
+    "HttpCheck",
     "Resources",
     "Service",
     "SpecError",

@@ -51,6 +51,8 @@ class ServiceStatus(StatusModel):
     image: str = Field(description="Image the service runs.")
     message: str = Field("", description="What is wrong or in progress, empty when ready.")
     reason: str = Field("", description="CamelCase reason matching `message`, empty when ready.")
+    restarts: int = Field(0, description="Times its replicas were restarted after they stopped.")
+    lastError: str = Field("", description="The last failure seen, kept after it is mended.")
     pods: list[str] = Field(default_factory=list, description="Names of the service's podman pods.")
 
 
@@ -67,6 +69,11 @@ class AISembleStatus(StatusModel):
 
     observedGeneration: int | None = Field(
         None, description="The spec generation the status describes."
+    )
+    currentRevision: int | None = Field(
+        None,
+        description="The generation whose spec runs: the observed one, or after an automatic "
+        "rollback the last one that was ready.",
     )
     phase: Phase = Field(
         Phase.PENDING, description="Summary: " + ", ".join(p.value for p in Phase) + "."

@@ -9,6 +9,7 @@ the service when it fails.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from aisemble.model import StackKey
 from aisemble.planning.desired import PodTemplate
@@ -108,6 +109,24 @@ class RemovePod:
 
 
 @dataclass(frozen=True)
+class RemoveContainer:
+    """A container with the stack's labels outside any of its pods: nothing asked for it."""
+
+    done = "Removed"
+    failed = "RemoveFailed"
+
+    stack: StackKey
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"container/{self.name}/remove"
+
+    def describe(self) -> str:
+        return f"remove container {self.name} (not part of the stack)"
+
+
+@dataclass(frozen=True)
 class RemoveNetwork:
     done = "Removed"
     failed = "RemoveFailed"
@@ -157,11 +176,25 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """A crashed replica the plan does not restart yet: it restarted too often lately."""
+
+    service: str
+    pod: str
+    restarts: int  # within the restart window
+    until: datetime  # when it may be started again
+    exit_code: int
+
+
+@dataclass(frozen=True)
 class Plan:
     stack: StackKey
     steps: tuple[Step, ...] = ()
     # Services the plan deliberately leaves alone this pass, with why (image missing, ...).
     held: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)
+    backoff: tuple[Backoff, ...] = field(default=(), compare=False)
+    # Seconds after which something planned to wait (a back-off) is due again.
+    requeue_after: float | None = field(default=None, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.steps)

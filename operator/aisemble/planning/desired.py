@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import asdict, dataclass, field
 
 from aisemble.model import AISemble, Service, StackKey
@@ -37,6 +38,17 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A health check as podman runs it: a shell command and its timing."""
+
+    command: str
+    interval: int
+    timeout: int
+    retries: int
+    start_period: int
+
+
+@dataclass(frozen=True)
 class PodTemplate:
     """One replica of one service, as podman will be asked to run it."""
 
@@ -59,6 +71,10 @@ class PodTemplate:
     memory_bytes: int | None
     stop_timeout: int
     labels: tuple[tuple[str, str], ...] = field(default=())
+    probe: Probe | None = None
+    # Replaced by removing the old replica first, not by starting the new one beside it:
+    # a host port or an exclusive device cannot be held by two replicas at once.
+    recreate: bool = False
 
     @property
     def label_dict(self) -> dict[str, str]:
@@ -137,6 +153,8 @@ def render(resource: AISemble, owner: str) -> DesiredStack:
                     ),
                     stop_timeout=service.terminationGracePeriodSeconds,
                     labels=tuple(sorted(labels.items())),
+                    probe=_probe(service),
+                    recreate=bool(bindings) or bool(service.resources.gpus),
                 )
             )
     return DesiredStack(
@@ -151,6 +169,32 @@ def render(resource: AISemble, owner: str) -> DesiredStack:
         replicas={s.name: s.replicas for s in spec.services},
         suspend=spec.suspend,
         labels=base_labels,
+    )
+
+
+def _probe(service: Service) -> Probe | None:
+    check = service.healthcheck
+    if check is None:
+        return None
+    if check.command is not None:
+        command = " ".join(shlex.quote(part) for part in check.command)
+    else:
+        assert check.http is not None
+        port = check.http.port or service.port
+        url = shlex.quote(f"http://127.0.0.1:{port}{check.http.path}")
+        # Whichever HTTP client the image has: busybox and Debian images carry wget or
+        # curl, Python images python3.
+        command = (
+            f"wget -q -O /dev/null {url} 2>/dev/null || curl -fsS -o /dev/null {url} 2>/dev/null "
+            f"|| python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], "
+            f"timeout={check.timeoutSeconds})' {url}"
+        )
+    return Probe(
+        command=command,
+        interval=check.intervalSeconds,
+        timeout=check.timeoutSeconds,
+        retries=check.retries,
+        start_period=check.startPeriodSeconds,
     )
 
 

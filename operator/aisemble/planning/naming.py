@@ -20,8 +20,13 @@ REPLICA = PREFIX + "replica"
 SPEC_HASH = PREFIX + "spec-hash"
 ROLE = PREFIX + "role"
 HOST_PORTS = PREFIX + "host-ports"
+HEALTH_INTERVAL = PREFIX + "health-interval"  # seconds between health checks
+REVISION = PREFIX + "revision"  # the generation a pod was made from
+PHASE = PREFIX + "phase"
+READY = PREFIX + "ready"
 
 MAIN = "main"  # the ROLE of a service's container (the pod's infra container has none)
+STATUS = "status"  # the ROLE of the pod that mirrors a stack's status
 
 MANAGER = "aisemble"
 
@@ -45,8 +50,26 @@ def pod_name(key: StackKey, service: str, replica: int, spec_hash: str) -> str:
     return f"{key.name}-{service}-{spec_hash[:5]}-{replica}"
 
 
+def status_pod_name(key: StackKey) -> str:
+    return f"aisemble-status_{key.namespace}_{key.name}"
+
+
 def container_name(pod: str) -> str:
     return f"{pod}-main"
+
+
+def key_of_network(name: str) -> StackKey | None:
+    """The stack a network belongs to, from its name (network events carry no labels)."""
+    parts = name.split("_")
+    if len(parts) != 3 or parts[0] != "aisemble" or not parts[1] or not parts[2]:
+        return None
+    return StackKey(parts[1], parts[2])
+
+
+def pod_of_container(container: str) -> str | None:
+    """The pod of a service container, from its name."""
+    suffix = "-main"
+    return container[: -len(suffix)] if container.endswith(suffix) else None
 
 
 def key_of(labels: dict[str, str]) -> StackKey | None:

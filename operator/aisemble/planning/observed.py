@@ -11,6 +11,7 @@ from aisemble.planning import naming
 from aisemble.planning.images import is_present
 
 RUNNING = "running"
+HEALTHY = "healthy"
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,19 @@ class ObservedContainer:
     image: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     started_at: datetime | None = None
+    exited_at: datetime | None = None
+    created: datetime | None = None
+    # healthy, unhealthy or starting, from the container's health check; None: it has none
+    health: str | None = None
 
     @property
     def running(self) -> bool:
         return self.state == RUNNING
+
+    @property
+    def ready(self) -> bool:
+        """Running, and healthy if it has a health check."""
+        return self.running and self.health in (None, HEALTHY)
 
 
 @dataclass(frozen=True)
@@ -57,17 +67,32 @@ class ObservedPod:
     def running(self) -> bool:
         return self.main is not None and self.main.running
 
+    @property
+    def ready(self) -> bool:
+        return self.main is not None and self.main.ready
+
 
 @dataclass(frozen=True)
 class ObservedStack:
     key: StackKey
     pods: tuple[ObservedPod, ...] = ()
-    network: str | None = None
+    network: str | None = None  # the stack's own network, named as naming.network_name says
     volumes: tuple[str, ...] = ()
+    # Objects carrying the stack's labels that it never asks for: removed.
+    extra_networks: tuple[str, ...] = ()
+    strays: tuple[ObservedContainer, ...] = ()  # service containers outside any pod
+    # Labels of the pod that mirrors the stack's status for `podman pod ps` (when looked at).
+    status_labels: dict[str, str] | None = None
 
     @property
     def empty(self) -> bool:
-        return not self.pods and self.network is None and not self.volumes
+        return (
+            not self.pods
+            and self.network is None
+            and not self.volumes
+            and not self.extra_networks
+            and not self.strays
+        )
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,8 @@ class Observed:
         volumes: Iterable[tuple[str, dict[str, str]]],
         images: Iterable[str] | None = None,
         list_images: Callable[[], Iterable[str]] | None = None,
+        strays: Iterable[ObservedContainer] = (),
+        status_pods: Iterable[dict[str, str]] = (),
     ) -> Observed:
         """Group flat lists of labelled objects by the stack their labels name."""
         grouped: dict[StackKey, dict] = {}
@@ -110,27 +137,39 @@ class Observed:
             key = naming.key_of(labels)
             if key is None:
                 return None
-            return grouped.setdefault(key, {"pods": [], "network": None, "volumes": []})
+            return grouped.setdefault(
+                key, {"pods": [], "networks": [], "volumes": [], "strays": [], "status": None}
+            )
 
         for pod in pods:
             if (b := bucket(pod.labels)) is not None:
                 b["pods"].append(pod)
         for name, labels in networks:
             if (b := bucket(labels)) is not None:
-                b["network"] = name
+                b["networks"].append(name)
         for name, labels in volumes:
             if (b := bucket(labels)) is not None:
                 b["volumes"].append(name)
+        for container in strays:
+            if (b := bucket(container.labels)) is not None:
+                b["strays"].append(container)
+        for labels in status_pods:
+            if (b := bucket(labels)) is not None:
+                b["status"] = labels
+        stacks = {}
+        for key, b in grouped.items():
+            own = naming.network_name(key)
+            stacks[key] = ObservedStack(
+                key,
+                tuple(sorted(b["pods"], key=lambda p: p.name)),
+                own if own in b["networks"] else None,
+                tuple(sorted(b["volumes"])),
+                tuple(sorted(n for n in b["networks"] if n != own)),
+                tuple(sorted(b["strays"], key=lambda c: c.name)),
+                b["status"],
+            )
         return Observed(
-            stacks={
-                key: ObservedStack(
-                    key,
-                    tuple(sorted(b["pods"], key=lambda p: p.name)),
-                    b["network"],
-                    tuple(sorted(b["volumes"])),
-                )
-                for key, b in grouped.items()
-            },
+            stacks=stacks,
             images=frozenset(images) if images is not None else None,
             list_images=list_images,
         )

@@ -9,15 +9,18 @@ planning again on the world the plan produces gives no steps at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 
 from aisemble.model import StackKey
 from aisemble.model.spec import host_ports_clash
 from aisemble.planning.actions import (
+    Backoff,
     CreateNetwork,
     CreatePod,
     CreateVolume,
     Plan,
+    RemoveContainer,
     RemoveNetwork,
     RemovePod,
     RemoveVolume,
@@ -32,29 +35,51 @@ WAITING_FOR_DEPENDENCY = "WaitingForDependency"
 WAITING_FOR_PORT = "WaitingForPort"
 
 
+# Crashed replicas are restarted at once the first time, then after 2, 4, 8 ... seconds
+# (at most 5 minutes) while they keep crashing; 3 restarts in 10 minutes is a crash loop.
+RESTART_WINDOW = timedelta(minutes=10)
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+CRASH_LOOP_RESTARTS = 3
+
+
 def plan(
     desired: DesiredStack | None,
     observed: ObservedStack,
     has_image: Callable[[str], bool],
     purge_volumes: bool = False,
+    now: datetime | None = None,
+    restarts: Mapping[str, Sequence[datetime]] | None = None,
 ) -> Plan:
-    """The steps that turn `observed` into `desired` (None: the stack was deleted)."""
+    """The steps that turn `observed` into `desired` (None: the stack was deleted).
+
+    `restarts` holds each pod's recent restarts; with `now`, a replica that keeps
+    crashing is restarted only after its back-off (and the plan says when).
+    """
     if desired is None:
         return _teardown(observed, purge_volumes)
     if desired.suspend:
         return Plan(desired.key)
-    return _Planner(desired, observed, has_image).run()
+    return _Planner(desired, observed, has_image, now, restarts or {}).run()
+
+
+def backoff_delay(restarts: int) -> float:
+    """Seconds to wait before restarting a replica restarted `restarts` times lately."""
+    if restarts <= 0:
+        return 0.0
+    return min(BACKOFF_BASE * 2 ** (restarts - 1), BACKOFF_CAP)
 
 
 def _teardown(observed: ObservedStack, purge_volumes: bool) -> Plan:
     removals = [
         Step(RemovePod(observed.key, p.service or "?", p.name, "stack deleted"))
         for p in sorted(observed.pods, key=lambda p: p.name)
-    ]
+    ] + [Step(RemoveContainer(observed.key, c.name)) for c in observed.strays]
     after = tuple(s.key for s in removals)
     steps = list(removals)
-    if observed.network is not None:
-        steps.append(Step(RemoveNetwork(observed.key, observed.network), after))
+    networks = ([observed.network] if observed.network else []) + list(observed.extra_networks)
+    for network in networks:
+        steps.append(Step(RemoveNetwork(observed.key, network), after))
     if purge_volumes:
         steps.extend(Step(RemoveVolume(observed.key, v), after) for v in sorted(observed.volumes))
     return Plan(observed.key, tuple(steps))
@@ -62,17 +87,23 @@ def _teardown(observed: ObservedStack, purge_volumes: bool) -> Plan:
 
 class _Planner:
     def __init__(
-        self, desired: DesiredStack, observed: ObservedStack, has_image: Callable[[str], bool]
+        self,
+        desired: DesiredStack,
+        observed: ObservedStack,
+        has_image: Callable[[str], bool],
+        now: datetime | None,
+        restarts: Mapping[str, Sequence[datetime]],
     ) -> None:
         self.desired = desired
         self.observed = observed
         self.has_image = has_image
+        self.now = now
+        self.restarts = restarts
         self.key: StackKey = desired.key
         self.steps: list[Step] = []
         self.held: dict[str, tuple[str, str]] = {}
         self.removals: list[tuple[Step, ObservedPod]] = []
-        # service -> keys of the steps that bring it up; dependents wait for them
-        self.bring_up: dict[str, list[str]] = {}
+        self.backoff: list[Backoff] = []
 
     def run(self) -> Plan:
         infra = self._infrastructure()
@@ -87,10 +118,21 @@ class _Planner:
         }
         for service, pods in current.items():
             self._bring_up(service, pods, infra)
-        return Plan(self.key, tuple(self.steps), dict(self.held))
+        requeue = None
+        if self.backoff and self.now is not None:
+            requeue = max(0.0, min((b.until - self.now).total_seconds() for b in self.backoff))
+        return Plan(self.key, tuple(self.steps), dict(self.held), tuple(self.backoff), requeue)
 
     def _infrastructure(self) -> dict[str, str]:
-        """Network and volumes; returns object name -> key of the step creating it."""
+        """Network and volumes; returns object name -> key of the step creating it.
+
+        Containers and networks carrying the stack's labels that it does not ask for
+        (made or copied by hand) are removed. Volumes never are: they hold data.
+        """
+        for stray in self.observed.strays:
+            self.steps.append(Step(RemoveContainer(self.key, stray.name)))
+        for network in self.observed.extra_networks:
+            self.steps.append(Step(RemoveNetwork(self.key, network)))
         created: dict[str, str] = {}
         labels = self.desired.labels
         if self.observed.network != self.desired.network:
@@ -147,7 +189,13 @@ class _Planner:
             for service in self.desired.order:
                 if service in self.held:
                     continue
-                waiting = [d for d in self.desired.depends_on[service] if d in self.held]
+                # Dependents start once their dependencies are ready (healthy), not merely
+                # running: the gateway after its backends have loaded their models.
+                waiting = [
+                    d
+                    for d in self.desired.depends_on[service]
+                    if d in self.held or not self._ready(d, slots)
+                ]
                 blocked = [
                     (binding.host, pod)
                     for template in self.desired.templates(service)
@@ -159,7 +207,11 @@ class _Planner:
                 if waiting:
                     self.held[service] = (
                         WAITING_FOR_DEPENDENCY,
-                        "waiting for " + ", ".join(f"{d} ({self.held[d][0]})" for d in waiting),
+                        "waiting for "
+                        + ", ".join(
+                            f"{d} ({self.held[d][0] if d in self.held else 'not ready yet'})"
+                            for d in waiting
+                        ),
                     )
                 elif blocked:
                     (ip, port, proto), pod = blocked[0]
@@ -171,6 +223,27 @@ class _Planner:
                 else:
                     continue
                 changed = True
+
+    def _current(
+        self, template: PodTemplate, slots: dict[tuple[str, int], list[ObservedPod]]
+    ) -> ObservedPod | None:
+        """The replica's pod made from the current spec, if there is one."""
+        return next(
+            (
+                p
+                for p in slots.get((template.service, template.replica), [])
+                if p.name == template.pod_name and p.spec_hash == template.spec_hash
+            ),
+            None,
+        )
+
+    def _ready(self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]) -> bool:
+        """Every replica of `service` runs the current spec and is healthy."""
+        for template in self.desired.templates(service):
+            pod = self._current(template, slots)
+            if pod is None or not pod.ready:
+                return False
+        return True
 
     def _must_start(self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]) -> bool:
         for template in self.desired.templates(service):
@@ -186,24 +259,33 @@ class _Planner:
     def _replace_stale(
         self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]
     ) -> dict[int, tuple[ObservedPod | None, list[str]]]:
-        """Per replica: the pod to keep (if any) and the removals clearing its slot."""
+        """Per replica: the pod to keep (if any) and the removals clearing its slot.
+
+        A replica of an older spec keeps serving until the new one is ready (a
+        rolling update), unless it holds what the new one needs: a host port, an
+        exclusive device, or its very name. Then it goes first (a recreate).
+        """
         kept: dict[int, tuple[ObservedPod | None, list[str]]] = {}
         for template in self.desired.templates(service):
             pods = slots.get((service, template.replica), [])
-            keep = next(
-                (
-                    p
-                    for p in pods
-                    if p.name == template.pod_name and p.spec_hash == template.spec_hash
-                ),
-                None,
-            )
-            removals = [self._remove(p, "spec changed") for p in pods if p is not keep]
+            keep = self._current(template, slots)
+            removals = []
             if keep is not None and keep.main is None:
                 removals.append(self._remove(keep, "its container is gone"))
                 keep = None
+            stale = [p for p in pods if p is not keep and p not in self._removed()]
+            recreate = template.recreate or any(p.name == template.pod_name for p in stale)
+            for pod in stale:
+                if recreate or not pod.running:
+                    removals.append(self._remove(pod, "spec changed"))
+                elif keep is not None and keep.ready:
+                    self._remove(pod, "replaced by a ready replica of the new spec")
+                # else: it serves until its successor is ready
             kept[template.replica] = (keep, removals)
         return kept
+
+    def _removed(self) -> list[ObservedPod]:
+        return [pod for _, pod in self.removals]
 
     def _bring_up(
         self,
@@ -211,28 +293,35 @@ class _Planner:
         kept: dict[int, tuple[ObservedPod | None, list[str]]],
         infra: dict[str, str],
     ) -> None:
-        after_deps = [k for d in self.desired.depends_on[service] for k in self.bring_up.get(d, [])]
-        ups: list[str] = []
         for template in self.desired.templates(service):
             pod, removals = kept[template.replica]
             if pod is None:
-                after = (
-                    self._infra_keys(template, infra)
-                    + removals
-                    + self._holders(template)
-                    + after_deps
-                )
+                after = self._infra_keys(template, infra) + removals + self._holders(template)
                 step = Step(CreatePod(self.key, template), _unique(after))
             elif not pod.running:
+                if self._backing_off(service, pod):
+                    continue
                 state = pod.main.state if pod.main else "missing"
-                step = Step(
-                    StartPod(self.key, service, pod.name, f"was {state}"), _unique(after_deps)
-                )
+                step = Step(StartPod(self.key, service, pod.name, f"was {state}"))
             else:
                 continue
             self.steps.append(step)
-            ups.append(step.key)
-        self.bring_up[service] = ups
+
+    def _backing_off(self, service: str, pod: ObservedPod) -> bool:
+        """Whether a crashed replica must wait before it is started again."""
+        if self.now is None:
+            return False
+        recent = [t for t in self.restarts.get(pod.name, ()) if self.now - t <= RESTART_WINDOW]
+        if not recent:
+            return False
+        exited = pod.main.exited_at if pod.main else None
+        since = max([*recent, *([exited] if exited else [])])
+        until = since + timedelta(seconds=backoff_delay(len(recent)))
+        if self.now >= until:
+            return False
+        exit_code = pod.main.exit_code if pod.main else 0
+        self.backoff.append(Backoff(service, pod.name, len(recent), until, exit_code))
+        return True
 
     def _remove(self, pod: ObservedPod, reason: str) -> str:
         step = Step(RemovePod(self.key, pod.service or "?", pod.name, reason))

@@ -12,10 +12,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from aisemble.model import AISemble, AISembleStatus, Condition, Endpoint, Phase, ServiceStatus
+from aisemble.planning.actions import Backoff
 from aisemble.planning.desired import DesiredStack
 from aisemble.planning.observed import ObservedStack
-from aisemble.planning.planner import IMAGE_NOT_FOUND, WAITING_FOR_DEPENDENCY, WAITING_FOR_PORT
+from aisemble.planning.planner import (
+    CRASH_LOOP_RESTARTS,
+    IMAGE_NOT_FOUND,
+    RESTART_WINDOW,
+    WAITING_FOR_DEPENDENCY,
+    WAITING_FOR_PORT,
+    backoff_delay,
+)
 
+CRASH_LOOP = "CrashLoopBackOff"
+DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 # Reasons that will not go away by waiting: a person must change something.
 FAILURE_REASONS = {
     IMAGE_NOT_FOUND,
@@ -24,16 +34,22 @@ FAILURE_REASONS = {
     "PortInUse",
     "NameConflict",
     "ContainerExited",
+    CRASH_LOOP,
+    DEADLINE_EXCEEDED,
 }
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """What the last pass learned that podman cannot be asked again: why actions failed."""
+    """What a pass knows besides podman's report: why actions failed, what waits, history."""
 
     held: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # service -> (reason, msg)
     errors: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # service -> (reason, msg)
     pending: bool = False  # steps remain (or were skipped) that a next pass will take
+    backoff: tuple[Backoff, ...] = ()  # crashed replicas waiting to be started again
+    logs: Mapping[str, str] = field(default_factory=dict)  # pod -> last lines of its output
+    restarts: Mapping[str, int] = field(default_factory=dict)  # pod -> restarts recorded
+    pinned: int | None = None  # a rollback runs this generation instead of the spec's
 
 
 def fold(
@@ -44,8 +60,10 @@ def fold(
     now: datetime,
     previous: AISembleStatus | None = None,
 ) -> AISembleStatus:
+    before = {s.name: s for s in (previous.services if previous else [])}
     services = [
-        _service_status(resource, desired, observed, result, name) for name in _names(resource)
+        _service_status(resource, desired, observed, result, name, now, before.get(name))
+        for name in _names(resource)
     ]
     ready = [s for s in services if s.readyReplicas >= s.desiredReplicas and not s.reason]
     failed = [s for s in services if s.reason in FAILURE_REASONS]
@@ -53,6 +71,8 @@ def fold(
 
     if resource.spec.suspend:
         phase = Phase.SUSPENDED
+    elif len(ready) == len(services) and result.pinned is not None:
+        phase = Phase.DEGRADED  # runs, but not the spec it was given
     elif len(ready) == len(services):
         phase = Phase.READY
     elif failed and not result.pending and len(failed) + len(waiting) + len(ready) == len(services):
@@ -64,7 +84,14 @@ def fold(
 
     generation = resource.metadata.generation
     old = {c.type: c for c in (previous.conditions if previous else [])}
-    conditions = _conditions(phase, services, ready, failed, generation, now, old)
+    rolled_back = None
+    if result.pinned is not None:
+        rolled_back = (
+            f"generation {generation} did not become ready within "
+            f"{resource.spec.progressDeadlineSeconds}s; running generation {result.pinned} "
+            "again (rollback: auto) until the spec changes"
+        )
+    conditions = _conditions(phase, services, ready, failed, generation, now, old, rolled_back)
     ready_names = {s.name for s in ready}
     endpoints = [
         Endpoint(
@@ -76,6 +103,7 @@ def fold(
     ]
     return AISembleStatus(
         observedGeneration=generation,
+        currentRevision=result.pinned or generation,
         phase=phase,
         ready=f"{len(ready)}/{len(services)}",
         conditions=conditions,
@@ -94,6 +122,8 @@ def _service_status(
     observed: ObservedStack,
     result: PassResult,
     name: str,
+    now: datetime,
+    previous: ServiceStatus | None,
 ) -> ServiceStatus:
     service = resource.spec.service(name)
     templates = {t.replica: t for t in desired.templates(name)}
@@ -105,26 +135,25 @@ def _service_status(
         and p.spec_hash == templates[p.replica].spec_hash
         and p.name == templates[p.replica].pod_name
     ]
-    ready = sum(1 for p in current if p.running)
+    ready = sum(1 for p in current if p.ready)
+    backoff = [b for b in result.backoff if b.service == name]
     reason, message = "", ""
     if name in result.held:
         reason, message = result.held[name]
     elif name in result.errors:
         reason, message = result.errors[name]
+    elif backoff:
+        reason, message = _backoff_message(backoff[0], result)
     elif ready < service.replicas:
-        exited = [p for p in current if p.main is not None and p.main.state == "exited"]
-        if exited and not result.pending:
-            p = exited[0]
-            reason = "ContainerExited"
-            message = f"pod {p.name}: container exited with code {p.main.exit_code}"
-        else:
-            reason = "Starting"
-            message = f"{ready}/{service.replicas} replicas running"
+        reason, message = _not_ready(
+            current, service.replicas, ready, result, now, resource.spec.progressDeadlineSeconds
+        )
     elif len(pods) > len(current):
         reason = "Updating"
-        message = f"{len(pods) - len(current)} outdated pod(s) to remove"
+        message = f"{len(pods) - len(current)} replica(s) of an older spec to remove"
     if resource.spec.suspend and reason in ("Starting", "Updating"):
         reason, message = "Suspended", "reconciling is suspended; " + message
+    failing = reason in FAILURE_REASONS or reason == "Restarting"
     return ServiceStatus(
         name=name,
         desiredReplicas=service.replicas,
@@ -132,8 +161,58 @@ def _service_status(
         image=service.image,
         reason=reason,
         message=message,
+        restarts=sum(result.restarts.get(p.name, 0) for p in pods),
+        lastError=message if failing else (previous.lastError if previous else ""),
         pods=sorted(p.name for p in pods),
     )
+
+
+def _backoff_message(b: Backoff, result: PassResult) -> tuple[str, str]:
+    # The back-off's length, not the time left: a message that changes every second
+    # would be a new status every pass.
+    delay = round(backoff_delay(b.restarts))
+    text = f"pod {b.pod}: exited with code {b.exit_code}; "
+    if b.restarts >= CRASH_LOOP_RESTARTS:
+        window = int(RESTART_WINDOW.total_seconds() // 60)
+        text += f"restarted {b.restarts} times in {window} minutes, back-off {delay}s"
+        tail = " | ".join(line for line in result.logs.get(b.pod, "").splitlines()[-5:] if line)
+        if tail:
+            text += f"; its last output: {tail}"
+        return CRASH_LOOP, text
+    return "Restarting", text + f"starting it again after {delay}s"
+
+
+def _not_ready(
+    current: list, replicas: int, ready: int, result: PassResult, now: datetime, deadline: int
+) -> tuple[str, str]:
+    # The newest replica still not ready after the deadline: the change did not take.
+    late = [
+        p
+        for p in current
+        if not p.ready and p.created is not None and (now - p.created).total_seconds() > deadline
+    ]
+    if late:
+        p = late[0]
+        why = (
+            f"health check {p.main.health}"
+            if p.main and p.main.health
+            else (p.main.state if p.main else "no container")
+        )
+        return DEADLINE_EXCEEDED, (
+            f"pod {p.name} is not ready {int((now - p.created).total_seconds())}s after it was "
+            f"created (progressDeadlineSeconds {deadline}; {why})"
+        )
+    exited = [p for p in current if p.main is not None and p.main.state == "exited"]
+    if exited and not result.pending:
+        p = exited[0]
+        return "ContainerExited", f"pod {p.name}: container exited with code {p.main.exit_code}"
+    checking = [p for p in current if p.running and not p.ready]
+    if checking:
+        p = checking[0]
+        health = p.main.health if p.main else None
+        reason = "Unhealthy" if health == "unhealthy" else "Starting"
+        return reason, f"{ready}/{replicas} replicas ready; pod {p.name}: health check {health}"
+    return "Starting", f"{ready}/{replicas} replicas running"
 
 
 def _conditions(
@@ -144,6 +223,7 @@ def _conditions(
     generation: int | None,
     now: datetime,
     old: dict[str, Condition],
+    rolled_back: str | None = None,
 ) -> list[Condition]:
     unready = [s for s in services if s not in ready]
     summary = "; ".join(f"{s.name}: {s.message or s.reason}" for s in unready)
@@ -162,7 +242,8 @@ def _conditions(
             observedGeneration=generation,
         )
 
-    is_ready = phase == Phase.READY
+    # Ready is about serving: a rolled-back stack whose every service is ready serves.
+    is_ready = phase == Phase.READY or (phase == Phase.DEGRADED and not unready)
     first_reason = unready[0].reason if unready else ""
     conditions = [
         cond(
@@ -184,9 +265,11 @@ def _conditions(
         ),
         cond(
             "Degraded",
-            bool(failed),
-            failed[0].reason if failed else "AsExpected",
-            "; ".join(f"{s.name}: {s.message}" for s in failed),
+            bool(failed) or rolled_back is not None,
+            failed[0].reason if failed else ("RolledBack" if rolled_back else "AsExpected"),
+            "; ".join(
+                [f"{s.name}: {s.message}" for s in failed] + ([rolled_back] if rolled_back else [])
+            ),
         ),
         cond(
             "Suspended",
@@ -206,3 +289,30 @@ def _url(host_ip: str, port: int, protocol: str) -> str:
         host = f"[{host}]"
     scheme = "http" if protocol == "tcp" else protocol
     return f"{scheme}://{host}:{port}"
+
+
+def unreachable(previous: AISembleStatus, message: str, now: datetime) -> AISembleStatus:
+    """The status while podman does not answer: what was known, marked as not current."""
+    reason = "PodmanUnreachable"
+    text = f"podman does not answer, so nothing is known of the stack right now: {message}"
+
+    def marked(c: Condition) -> Condition:
+        if c.type == "Ready":
+            status = "Unknown"
+        elif c.type == "Degraded":
+            status = "True"
+        else:
+            return c
+        since = c.lastTransitionTime if c.status == status else now
+        return c.model_copy(
+            update={
+                "status": status,
+                "reason": reason,
+                "message": text,
+                "lastTransitionTime": since,
+            }
+        )
+
+    return previous.model_copy(
+        update={"phase": Phase.DEGRADED, "conditions": [marked(c) for c in previous.conditions]}
+    )

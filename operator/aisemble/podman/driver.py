@@ -9,10 +9,13 @@ exists with our labels counts as done, removing something already gone too.
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +29,7 @@ from aisemble.planning.actions import (
     CreateNetwork,
     CreatePod,
     CreateVolume,
+    RemoveContainer,
     RemoveNetwork,
     RemovePod,
     RemoveVolume,
@@ -39,11 +43,14 @@ log = logging.getLogger(__name__)
 
 
 class PodmanDriver:
-    def __init__(self, client: podman.PodmanClient, owner: str) -> None:
+    def __init__(self, client: podman.PodmanClient, owner: str, url: str | None = None) -> None:
         self.client = client
         self.owner = owner
+        self.url = url  # where the client connects: others (the event stream) connect there too
         self._calls = 0
         self._lock = threading.Lock()
+        # container id -> (monotonic time of the last check, its verdict)
+        self._health: dict[str, tuple[float, str]] = {}
 
     # -- observing -------------------------------------------------------------------------
 
@@ -86,9 +93,13 @@ class PodmanDriver:
         except Exception as exc:  # connection refused, socket gone, timeouts
             raise PodmanUnavailable(f"podman does not answer: {exc}") from exc
         pods = {c["Pod"]: self._pod(c) for c in containers if c.get("Pod")}
+        strays = [self._container(c) for c in containers if not c.get("Pod")]
+        status_pods = []
         for attrs in raw_pods:
-            if attrs["Id"] not in pods:  # a pod whose service container is gone
-                labels = attrs.get("Labels") or {}
+            labels = attrs.get("Labels") or {}
+            if labels.get(naming.ROLE) == naming.STATUS:
+                status_pods.append(labels)
+            elif attrs["Id"] not in pods:  # a pod whose service container is gone
                 pods[attrs["Id"]] = ObservedPod(
                     id=attrs["Id"],
                     name=attrs["Name"],
@@ -102,8 +113,115 @@ class PodmanDriver:
             [(n["name"], n.get("labels") or {}) for n in networks],
             [(v["Name"], v.get("Labels") or {}) for v in volumes],
             list_images=self.images,
+            strays=strays,
+            status_pods=status_pods,
         )
         return observed.only(keys) if keys is not None else observed
+
+    # -- health ----------------------------------------------------------------------------
+
+    def check_health(self, observed: Observed, keys: Iterable[StackKey] | None = None) -> Observed:
+        """Run the health checks that are due (podman cannot schedule them without systemd),
+        and return the snapshot with every checked container's latest verdict."""
+        wanted = set(keys) if keys is not None else set(observed.stacks)
+        due = [
+            pod.main
+            for key in wanted
+            for pod in observed.stack(key).pods
+            if pod.main is not None and pod.main.running and self._health_due(pod.main)
+        ]
+        if due:
+            with futures.ThreadPoolExecutor(max_workers=min(8, len(due))) as pool:
+                list(pool.map(self._run_check, due))
+        return replace(
+            observed,
+            stacks={
+                key: replace(stack, pods=tuple(self._with_health(p) for p in stack.pods))
+                for key, stack in observed.stacks.items()
+            },
+        )
+
+    def next_health_check(self, observed: Observed, key: StackKey) -> float | None:
+        """Seconds until a running container of `key` is due for its next check."""
+        waits = []
+        for pod in observed.stack(key).pods:
+            if pod.main is None or not pod.main.running:
+                continue
+            interval = _interval(pod.main)
+            if interval is None:
+                continue
+            last = self._health.get(pod.main.id)
+            waits.append(0.0 if last is None else max(0.0, last[0] + interval - time.monotonic()))
+        return min(waits) if waits else None
+
+    def _health_due(self, container: ObservedContainer) -> bool:
+        interval = _interval(container)
+        if interval is None:
+            return False
+        last = self._health.get(container.id)
+        return last is None or time.monotonic() - last[0] >= interval
+
+    def _run_check(self, container: ObservedContainer) -> None:
+        self._count()
+        try:
+            response = self.client.api.get(f"/containers/{container.id}/healthcheck")
+            if response.status_code == 404 or response.status_code == 405:
+                response = self.client.api.post(f"/containers/{container.id}/healthcheck")
+            status = str(response.json().get("Status", "")).lower() if response.ok else ""
+        except Exception:  # noqa: BLE001 - a check that cannot run says nothing new
+            return
+        if status:
+            with self._lock:
+                self._health[container.id] = (time.monotonic(), status)
+
+    def _with_health(self, pod: ObservedPod) -> ObservedPod:
+        main = pod.main
+        if main is None or _interval(main) is None:
+            return pod
+        last = self._health.get(main.id)
+        return replace(pod, main=replace(main, health=last[1] if last else "starting"))
+
+    # -- logs and status -------------------------------------------------------------------
+
+    def logs(self, container: str, tail: int = 10) -> str:
+        """The last lines a container wrote, for status messages about crashes."""
+        self._count()
+        try:
+            response = self.client.api.get(
+                f"/containers/{container}/logs",
+                params={"stdout": "true", "stderr": "true", "tail": str(tail)},
+            )
+            response.raise_for_status()
+        except Exception:  # noqa: BLE001 - the log is a courtesy; its absence is no error
+            return ""
+        return _demux(response.content).strip()
+
+    def remove_status(self, key: StackKey) -> None:
+        self._count()
+        try:
+            self.client.api.delete(f"/pods/{naming.status_pod_name(key)}", params={"force": "true"})
+        except Exception as exc:  # noqa: BLE001 - gone already, or podman away: next pass
+            log.debug("could not remove the status pod of %s: %s", key, exc)
+
+    def mirror_status(self, key: StackKey, labels: dict[str, str]) -> None:
+        """Make the stack's status pod carry `labels` (pod labels cannot change: re-create it).
+
+        The pod has no containers and never runs; it exists so that
+        `podman pod ps --filter label=aisemble.io/phase=Ready` answers without AI-semble.
+        """
+        name = naming.status_pod_name(key)
+        labels = {**labels, naming.OWNER: self.owner}
+        self.remove_status(key)
+        self._count()
+        try:
+            response = self.client.api.post(
+                "/pods/create",
+                data=json.dumps({"name": name, "labels": labels, "no_infra": True}),
+                headers={"Content-Type": "application/json"},
+            )
+            response.raise_for_status()
+        except Exception as exc:  # noqa: BLE001 - a mirror; the store keeps the status
+            log.warning("could not mirror the status of %s onto pod %s: %s", key, name, exc)
 
     def images(self) -> set[str]:
         """Names and ids of every local image."""
@@ -131,26 +249,31 @@ class PodmanDriver:
         return response.json() or []
 
     @staticmethod
-    def _pod(c: dict[str, Any]) -> ObservedPod:
+    def _container(c: dict[str, Any]) -> ObservedContainer:
         labels = {k: v for k, v in (c.get("Labels") or {}).items() if k != naming.ROLE}
-        started = c.get("StartedAt")
         names = c.get("Names") or [""]
-        main = ObservedContainer(
+        return ObservedContainer(
             id=c["Id"],
             name=names[0],
             state=str(c.get("State", "")).lower(),
             exit_code=int(c.get("ExitCode") or 0),
             image=c.get("Image", ""),
             labels=labels,
-            started_at=datetime.fromtimestamp(started, UTC) if started and started > 0 else None,
+            started_at=_from_unix(c.get("StartedAt")),
+            exited_at=_from_unix(c.get("ExitedAt")) if c.get("Exited") else None,
+            created=_parse_time(c.get("Created")),
         )
+
+    @classmethod
+    def _pod(cls, c: dict[str, Any]) -> ObservedPod:
+        main = cls._container(c)
         return ObservedPod(
             id=c["Pod"],
             name=c.get("PodName") or "",
-            labels=labels,
+            labels=main.labels,
             main=main,
-            host_ports=naming.decode_host_ports(labels.get(naming.HOST_PORTS)),
-            created=_parse_time(c.get("Created")),
+            host_ports=naming.decode_host_ports(main.labels.get(naming.HOST_PORTS)),
+            created=main.created,
         )
 
     # -- acting ----------------------------------------------------------------------------
@@ -163,6 +286,7 @@ class PodmanDriver:
             CreatePod: self._create_pod,
             StartPod: self._start_pod,
             RemovePod: self._remove_pod,
+            RemoveContainer: self._remove_container,
             RemoveNetwork: self._remove_network,
             RemoveVolume: self._remove_volume,
         }[type(action)]
@@ -266,6 +390,9 @@ class PodmanDriver:
     def _remove_pod(self, action: RemovePod) -> None:
         self._remove(self.client.pods.remove, action.pod, force=True)
 
+    def _remove_container(self, action: RemoveContainer) -> None:
+        self._remove(self.client.containers.remove, action.name, force=True)
+
     def _remove_network(self, action: RemoveNetwork) -> None:
         self._remove(self.client.networks.remove, action.name)
 
@@ -313,6 +440,7 @@ def pod_payload(t: PodTemplate) -> dict[str, Any]:
 
 
 CPU_PERIOD = 100_000  # microseconds, the kernel's default CFS period
+RESTART_TRIES = 3
 
 
 def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
@@ -323,6 +451,10 @@ def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
         "image": t.image,
         "labels": {**t.label_dict, naming.ROLE: naming.MAIN},
         "env": dict(t.env),
+        # podman restarts a crashed process itself within a tenth of a second; past
+        # these tries the operator takes over, with back-off.
+        "restart_policy": "on-failure",
+        "restart_tries": RESTART_TRIES,
         "stop_timeout": t.stop_timeout,
         "volumes": [
             {"Name": m.volume, "Dest": m.path, "Options": ["ro"] if m.read_only else []}
@@ -340,6 +472,16 @@ def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
         limits["memory"] = {"limit": t.memory_bytes}
     if limits:
         payload["resource_limits"] = limits
+    if t.probe is not None:
+        second = 10**9
+        payload["healthconfig"] = {
+            "Test": ["CMD-SHELL", t.probe.command],
+            "Interval": t.probe.interval * second,
+            "Timeout": t.probe.timeout * second,
+            "Retries": t.probe.retries,
+            "StartPeriod": t.probe.start_period * second,
+        }
+        payload["labels"][naming.HEALTH_INTERVAL] = str(t.probe.interval)
     return payload
 
 
@@ -367,6 +509,28 @@ def _explain(exc: APIError) -> str:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return str(text).strip()
+
+
+def _from_unix(value: Any) -> datetime | None:
+    return (
+        datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) and value > 0 else None
+    )
+
+
+def _interval(container: ObservedContainer) -> int | None:
+    value = container.labels.get(naming.HEALTH_INTERVAL)
+    return int(value) if value and value.isdigit() else None
+
+
+def _demux(raw: bytes) -> str:
+    """Podman's log stream: 8-byte frame headers (stream, length) before each chunk."""
+    out, i = [], 0
+    while i + 8 <= len(raw) and raw[i] in (0, 1, 2):
+        length = int.from_bytes(raw[i + 4 : i + 8], "big")
+        out.append(raw[i + 8 : i + 8 + length])
+        i += 8 + length
+    text = b"".join(out) if out else raw
+    return text.decode("utf-8", errors="replace")
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -14,7 +14,8 @@ with debootstrap and `podman import`: its python3 is 3.11, as in the public imag
 
 No build step downloads anything. Python packages come from a wheelhouse filled
 on the host by pip with the host's own configuration (proxy, CA, local mirrors),
-so builds work offline and behind proxies alike. Each image gets a view of just
+so builds work offline and behind proxies alike; pip picks wheels for the images'
+CPython 3.11, whatever Python (3.11 or newer) runs aisemble. Each image gets a view of just
 the wheels its resolution picked (hard links) mounted at /wheels with
 `podman build --volume`, so the wheels never land in a layer, and a
 requirements file pinning exactly that resolution.
@@ -31,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -59,9 +61,10 @@ HASH_LABEL = "aisemble.io/build-hash"
 KIND_LABEL = "aisemble.io/image"  # which of our images this is; also finds untagged ones
 INPUTS_LABEL = "aisemble.io/build-inputs"  # the parts of the hash, shortened, to tell why
 OS_LABEL = "aisemble.io/os"
-# The images run Python 3.11 (the public image's and Debian 12's); the wheelhouse is
-# resolved by a host Python of the same version so that its wheels fit.
-PYTHON = (3, 11)
+# The images run CPython 3.11 on Debian 12's glibc 2.36 (the public image's and
+# debootstrap's alike): pip picks the wheelhouse for that, whatever Python runs it.
+PYTHON = "3.11"
+GLIBC_MINOR = 36
 # Bumped when the way images are built changes, so that every image is rebuilt once.
 RECIPE_VERSION = "1"
 PULL_TIMEOUT = float(os.environ.get("AISEMBLE_PULL_TIMEOUT", "120"))
@@ -299,19 +302,32 @@ def default_cache_dir() -> Path:
     return Path(cache) / "aisemble"
 
 
-def _pip_python() -> str:
-    """A host Python of the images' version, with pip, to fill and resolve the wheelhouse."""
-    if sys.version_info[:2] == PYTHON:
-        return sys.executable
-    wanted = f"python{PYTHON[0]}.{PYTHON[1]}"
-    found = shutil.which(wanted)
-    if found:
-        return found
-    raise ImageBuildError(
-        f"the images run Python {PYTHON[0]}.{PYTHON[1]}, and their wheels are resolved by a "
-        f"host Python of that version; this is {sys.version.split()[0]} and {wanted} is not on PATH",
-        f"install {wanted} (with pip), or run aisemble from a {wanted} virtualenv",
-    )
+def _target() -> list[str]:
+    """pip options picking wheels for the images' Python and OS instead of the host's:
+    manylinux up to the images' glibc, and linux_* for wheels built here from sources."""
+    arch = platform.machine()
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(GLIBC_MINOR, 4, -1)]
+    tags += [f"manylinux{legacy}_{arch}" for legacy in ("2014", "2010", "1")] + [f"linux_{arch}"]
+    return [
+        "--only-binary=:all:",
+        "--implementation=cp",
+        f"--python-version={PYTHON}",
+        f"--abi=cp{PYTHON.replace('.', '')}",
+        *(f"--platform={tag}" for tag in tags),
+    ]
+
+
+# pip evaluates environment markers (`; python_version < "3.13"`) for the Python running
+# it even with --python-version (pypa/pip#11198): this runs pip with the images' values.
+_PIP_FOR_TARGET = f"""
+import runpy
+from pip._vendor.packaging import markers
+env = markers.default_environment()
+env["python_version"] = "{PYTHON}"
+env["python_full_version"] = env["implementation_version"] = "{PYTHON}.2"  # Debian 12's
+markers.default_environment = lambda: dict(env)
+runpy.run_module("pip", run_name="__main__", alter_sys=True)
+"""
 
 
 _PROXY_HINT = (
@@ -385,10 +401,13 @@ class Wheelhouse:
             proc = _run(
                 [
                     self.python,
-                    "-m",
-                    "pip",
+                    "-c",
+                    _PIP_FOR_TARGET,
                     "install",
                     "--dry-run",
+                    # pip takes --python-version and the like only with --target.
+                    "--target",
+                    str(Path(tmp) / "target"),
                     "--ignore-installed",
                     "--quiet",
                     "--disable-pip-version-check",
@@ -397,6 +416,7 @@ class Wheelhouse:
                     str(self.root),
                     "--report",
                     str(report),
+                    *_target(),
                     "-r",
                     str(reqs),
                 ],
@@ -425,29 +445,15 @@ class Wheelhouse:
         return sorted(wheels, key=lambda w: _requirement_name(w.name))
 
     def fetch(self, requirements: Sequence[str]) -> None:
-        """Fill the wheelhouse with wheels for `requirements` and all they need: one pip
-        command, so that everything (torch's pin included) is resolved together. Sources
-        without a wheel (pyspark) are built into one here, once, and kept."""
+        """Fill the wheelhouse with wheels for `requirements` and all they need, for the
+        images' Python: one `pip download`, so that everything (torch's pin included) is
+        resolved together. A package published only as sources (pyspark) is built into a
+        wheel here by the host's pip, once and kept, and the download tried again."""
         started = time.monotonic()
         self.progress(
             f"wheelhouse: fetching wheels for {len(requirements)} requirements into {self.root} "
-            "(pip wheel, with this host's pip configuration)"
+            f"(pip download for CPython {PYTHON}, with this host's pip configuration)"
         )
-        cmd = [
-            self.python,
-            "-m",
-            "pip",
-            "wheel",
-            "--disable-pip-version-check",
-            "--progress-bar",
-            "off",
-            "--wheel-dir",
-            str(self.root),
-            # What is already here counts as found: only what is missing is downloaded.
-            "--find-links",
-            str(self.root),
-            *requirements,
-        ]
         step = {"last": 0.0}
 
         def show(line: str) -> None:
@@ -461,9 +467,25 @@ class Wheelhouse:
                     step["last"] = now
                     self.progress(f"  wheelhouse: {line.strip()} ({now - started:.0f}s)")
 
-        code, tail = _stream(cmd, show)
-        if code != 0:
-            raise ImageBuildError("pip could not fill the wheelhouse", _PROXY_HINT, tail)
+        quiet = ["--disable-pip-version-check", "--progress-bar", "off"]
+        built: set[str] = set()
+        while True:
+            cmd = [self.python, "-c", _PIP_FOR_TARGET, "download", *quiet, "--dest", str(self.root)]
+            # What is already here counts as found: only what is missing is downloaded.
+            cmd += ["--find-links", str(self.root), *_target(), *requirements]
+            code, tail = _stream(cmd, show)
+            if code == 0:
+                break
+            found = re.findall(r"No matching distribution found for ([^;\s]+)", tail)
+            sources = [r for r in found if r not in built]
+            if not sources:
+                raise ImageBuildError("pip could not fill the wheelhouse", _PROXY_HINT, tail)
+            self.progress(f"wheelhouse: building {', '.join(sources)} from sources (pip wheel)")
+            cmd = [self.python, "-m", "pip", "wheel", *quiet, "--no-deps"]
+            code, tail = _stream([*cmd, "--wheel-dir", str(self.root), *sources], show)
+            if code != 0:
+                raise ImageBuildError("pip could not fill the wheelhouse", _PROXY_HINT, tail)
+            built.update(sources)
         self.progress(f"wheelhouse: ready in {time.monotonic() - started:.1f}s")
 
 
@@ -1019,15 +1041,14 @@ def build_images(
     forced = set(names or _BY_NAME) if force else set()
     with _locked(cache, say):
         _clear_scratch(cache)
-        python = _pip_python()
         house = Wheelhouse(
             Path(wheelhouse) if wheelhouse else cache / "wheelhouse",
-            python,
+            sys.executable,
             say,
             verbose,
             memo=cache / "resolved.json",
         )
-        package = build_package_wheel(src, cache, python, say)
+        package = build_package_wheel(src, cache, sys.executable, say)
         need_java = any(s.name == "data-processor" for s in specs)
         os_image, java_os = _choose_os(offline, base_image, need_java, cache, say, verbose)
         if java_os is not None:

@@ -29,7 +29,8 @@ from aisemble.loading import Document
 from aisemble.model import AISemble, AISembleStatus, StackKey
 from aisemble.model.spec import host_ports_clash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RESTARTS_KEPT_PER_STACK = 500
 CLI_SOURCE = "cli"
 EVENTS_KEPT_PER_STACK = 200
 
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS stacks (
     updated TEXT NOT NULL,
     deleting INTEGER NOT NULL DEFAULT 0,
     revision INTEGER NOT NULL,
+    pinned INTEGER,
     purge_volumes INTEGER NOT NULL DEFAULT 0,
     status TEXT,
     PRIMARY KEY (namespace, name)
@@ -59,7 +61,30 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_stack ON events (namespace, name, id);
+CREATE TABLE IF NOT EXISTS restarts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    pod TEXT NOT NULL,
+    time TEXT NOT NULL,
+    exit_code INTEGER,
+    by TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS restarts_by_stack ON restarts (namespace, name, id);
+CREATE TABLE IF NOT EXISTS revisions (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    resource TEXT NOT NULL,
+    ready_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, name, generation)
+);
 """
+
+# Changes to tables that already exist, by the schema version that brought them.
+_MIGRATIONS = {
+    2: ["ALTER TABLE stacks ADD COLUMN pinned INTEGER"],
+}
 
 
 class StoreError(Exception):
@@ -92,6 +117,7 @@ class StoredStack:
     purge_volumes: bool
     revision: int  # store-wide, new on every change to the desired state (not on status writes)
     status: AISembleStatus | None
+    pinned: int | None = None  # a rollback runs this generation's spec instead
 
     def with_status(self) -> AISemble:
         return self.resource.model_copy(update={"status": self.status})
@@ -134,11 +160,24 @@ class Store:
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('owner', ?)", (uuid.uuid4().hex[:12],))
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            else:
+                self._migrate(db)
         self.owner: str = self._db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a store written by an older release up to this schema, in place."""
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        version = int(row[0]) if row else 1
+        for target in sorted(v for v in _MIGRATIONS if v > version):
+            for statement in _MIGRATIONS[target]:
+                db.execute(statement)
+        if version < SCHEMA_VERSION:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -274,7 +313,9 @@ class Store:
                ON CONFLICT (namespace, name) DO UPDATE SET
                  source=excluded.source, generation=excluded.generation,
                  resource=excluded.resource, updated=excluded.updated,
-                 deleting=0, purge_volumes=0, revision=excluded.revision""",
+                 deleting=0, purge_volumes=0, revision=excluded.revision,
+                 pinned=CASE WHEN stacks.generation = excluded.generation
+                             THEN stacks.pinned END""",
             (
                 key.namespace,
                 key.name,
@@ -326,9 +367,91 @@ class Store:
     def forget(self, key: StackKey) -> None:
         """Drop a stack whose teardown finished (only if it is still being deleted)."""
         with self._transaction() as db:
-            db.execute(
+            gone = db.execute(
                 "DELETE FROM stacks WHERE namespace=? AND name=? AND deleting=1",
                 (key.namespace, key.name),
+            ).rowcount
+            if gone:
+                for table in ("restarts", "revisions"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE namespace=? AND name=?",  # noqa: S608
+                        (key.namespace, key.name),
+                    )
+
+    # -- restarts, revisions, rollback -------------------------------------------------------
+
+    def record_restart(
+        self,
+        key: StackKey,
+        pod: str,
+        by: str,
+        exit_code: int | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """A replica was started again after it stopped (`by` aisemble, or podman's policy)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO restarts (namespace, name, pod, time, exit_code, by) VALUES (?,?,?,?,?,?)",
+                (key.namespace, key.name, pod, (now or _now()).isoformat(), exit_code, by),
+            )
+            db.execute(
+                """DELETE FROM restarts WHERE namespace=? AND name=? AND id <= (
+                     SELECT id FROM restarts WHERE namespace=? AND name=?
+                     ORDER BY id DESC LIMIT 1 OFFSET ?)""",
+                (key.namespace, key.name, key.namespace, key.name, RESTARTS_KEPT_PER_STACK),
+            )
+
+    def restarts(self, key: StackKey) -> dict[str, list[datetime]]:
+        """Pod name -> when it was restarted, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT pod, time FROM restarts WHERE namespace=? AND name=? ORDER BY id",
+                (key.namespace, key.name),
+            ).fetchall()
+        found: dict[str, list[datetime]] = {}
+        for pod, time_ in rows:
+            found.setdefault(pod, []).append(datetime.fromisoformat(time_))
+        return found
+
+    def record_ready(self, key: StackKey, resource: AISemble, now: datetime | None = None) -> None:
+        """Remember the spec of a generation that was once ready: a rollback target."""
+        generation = resource.metadata.generation or 1
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO revisions VALUES (?,?,?,?,?)",
+                (
+                    key.namespace,
+                    key.name,
+                    generation,
+                    resource.model_dump_json(exclude_none=True, exclude={"status"}),
+                    (now or _now()).isoformat(),
+                ),
+            )
+
+    def ready_revision(self, key: StackKey, generation: int) -> AISemble | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT resource FROM revisions WHERE namespace=? AND name=? AND generation=?",
+                (key.namespace, key.name, generation),
+            ).fetchone()
+        return AISemble.model_validate_json(row[0]) if row else None
+
+    def last_ready(self, key: StackKey, before: int) -> AISemble | None:
+        """The newest generation before `before` that was ready, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT resource FROM revisions WHERE namespace=? AND name=? AND generation<? "
+                "ORDER BY generation DESC LIMIT 1",
+                (key.namespace, key.name, before),
+            ).fetchone()
+        return AISemble.model_validate_json(row[0]) if row else None
+
+    def pin(self, key: StackKey, generation: int) -> None:
+        """Run `generation`'s spec instead of the current one, until the spec changes."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE stacks SET pinned=?, revision=? WHERE namespace=? AND name=?",
+                (generation, self._next_revision(db), key.namespace, key.name),
             )
 
     def revision(self, key: StackKey) -> int | None:
@@ -489,6 +612,7 @@ def _stored(row: sqlite3.Row) -> StoredStack:
         deleting=bool(row["deleting"]),
         purge_volumes=bool(row["purge_volumes"]),
         revision=row["revision"],
+        pinned=row["pinned"],
         status=AISembleStatus.model_validate_json(row["status"]) if row["status"] else None,
     )
 

@@ -1,0 +1,61 @@
+"""`wait`: block until a stack's status says what is asked for, like `kubectl wait`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+from aisemble.cli.printing import error
+from aisemble.cli.session import Session
+from aisemble.model import AISembleStatus, StackKey
+
+POLL = 0.25
+
+
+def parse_for(text: str) -> tuple[str, str, str]:
+    """`condition=Ready`, `condition=Degraded=False`, `phase=Ready`, `delete`."""
+    if text == "delete":
+        return "delete", "", ""
+    match = re.fullmatch(r"(condition|phase)=([A-Za-z]+)(?:=(True|False|Unknown))?", text)
+    if not match or (match.group(1) == "phase" and match.group(3)):
+        raise ValueError(
+            f"--for {text!r}: use condition=TYPE[=True|False|Unknown], phase=PHASE or delete"
+        )
+    return match.group(1), match.group(2), match.group(3) or "True"
+
+
+def met(kind: str, what: str, value: str, status: AISembleStatus | None) -> bool:
+    if status is None:
+        return False
+    if kind == "phase":
+        return status.phase.value.lower() == what.lower()
+    condition = next((c for c in status.conditions if c.type.lower() == what.lower()), None)
+    return condition is not None and condition.status == value
+
+
+def cmd_wait(args: argparse.Namespace, session: Session) -> int:
+    try:
+        kind, what, value = parse_for(args.for_)
+    except ValueError as exc:
+        error(str(exc))
+        return 2
+    key = StackKey(args.namespace or "default", args.name)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        stored = session.store.get(key)
+        if kind == "delete":
+            if stored is None:
+                print(f"aisemble {key} deleted")
+                return 0
+        elif stored is None:
+            error(f'aisemble "{key.name}" not found in namespace "{key.namespace}"')
+            return 1
+        elif met(kind, what, value, stored.status):
+            print(f"aisemble {key} {args.for_} met")
+            return 0
+        if time.monotonic() >= deadline:
+            state = stored.status.phase.value if stored and stored.status else "no status yet"
+            error(f"timed out after {args.timeout:.0f}s waiting for {args.for_} on {key} ({state})")
+            return 1
+        time.sleep(POLL)
