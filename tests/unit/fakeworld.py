@@ -6,6 +6,13 @@ leaves podman: `CreatePod` makes a pod labelled like its template with a running
 main container and the template's host ports; `StartPod` starts the main
 container; removals of things already gone succeed, as in the driver.
 
+A started container whose template has a health check reports `start_health`
+("healthy" unless a test says otherwise, so created pods are ready at once);
+`settle()` turns every "starting" container healthy, as its check would pass.
+The world keeps a clock (`now`, moved by `tick()`), records every `StartPod` as a
+restart of that pod (`restarts`, what the controller feeds the planner), and
+`crash()` makes a container exit at the current time.
+
 It also refuses what podman refuses, so a plan whose `Step.after` is too weak
 fails here: a pod whose name is taken, whose network or volume does not exist
 yet, whose image is missing or whose host port another pod binds; removing a
@@ -15,14 +22,20 @@ network pods still use or a volume a pod mounts.
 in the plan, unless asked): given a `random.Random`, it picks any step whose
 predecessors are done, as a parallel executor may. A step named in `failing`
 fails, and every step waiting on a failed or skipped step is skipped.
+`trace` keeps every action that succeeded with the stack as it was just before,
+across runs, so tests can check what held when something was started.
+
+`reconcile()` repeats plan -> run, as the controller's passes do, until a plan
+has no steps (a fixpoint) or a limit of passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from aisemble.model import StackKey
 from aisemble.model.spec import host_ports_clash
@@ -41,6 +54,10 @@ from aisemble.planning.actions import (
 from aisemble.planning.desired import DesiredStack, PodTemplate
 from aisemble.planning.images import is_present
 from aisemble.planning.observed import ObservedContainer, ObservedPod, ObservedStack
+from aisemble.planning.planner import plan as plan_of
+
+EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+_AUTO = "auto"
 
 
 class WorldError(Exception):
@@ -73,9 +90,18 @@ def make_pod(
     *,
     uid: str | None = None,
     exit_code: int = 0,
+    health: str | None = _AUTO,
+    started_at: datetime | None = None,
+    exited_at: datetime | None = None,
 ) -> ObservedPod:
-    """The pod the driver's `CreatePod` leaves behind; `state=None`: its container is gone."""
+    """The pod the driver's `CreatePod` leaves behind; `state=None`: its container is gone.
+
+    `health` defaults to "healthy" for a running container whose template has a health
+    check and to None (no check, or not running) otherwise: such a pod is ready.
+    """
     uid = uid or template.pod_name
+    if health == _AUTO:
+        health = "healthy" if template.probe is not None and state == "running" else None
     main = None
     if state is not None:
         main = ObservedContainer(
@@ -85,6 +111,9 @@ def make_pod(
             exit_code=exit_code,
             image=template.image,
             labels=template.label_dict,
+            started_at=started_at,
+            exited_at=exited_at,
+            health=health,
         )
     return ObservedPod(
         id=f"pod-{uid}",
@@ -114,11 +143,21 @@ class FakeWorld:
         *,
         failing: Iterable[str] = (),
         mounts: dict[str, Iterable[str]] | None = None,
+        start_health: str = "healthy",
+        now: datetime = EPOCH,
     ) -> None:
         self.stack = stack if isinstance(stack, ObservedStack) else ObservedStack(stack)
         self.images = set(images)
         self.failing = set(failing)
         self.history: list[str] = []  # every key attempted, in order, across runs
+        # every action that succeeded, with the stack just before it, across runs
+        self.trace: list[tuple[Action, ObservedStack]] = []
+        # health a started container with a health check reports first
+        self.start_health = start_health
+        self.now = now
+        self.restarts: dict[str, list[datetime]] = {}  # pod name -> times it was started again
+        # pods known to have a health check: told by their health, or created from a template
+        self._checked = {p.name for p in self.stack.pods if p.main and p.main.health is not None}
         # pod name -> podman volumes it mounts (known for pods this world created or was told)
         self.mounts: dict[str, frozenset[str]] = {
             k: frozenset(v) for k, v in (mounts or {}).items()
@@ -140,6 +179,35 @@ class FakeWorld:
     def pod_names(self) -> set[str]:
         return {p.name for p in self.stack.pods}
 
+    # -- the passing of time -----------------------------------------------------------------
+
+    def tick(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    def set_health(self, pod: str, health: str | None) -> None:
+        if health is not None:
+            self._checked.add(pod)
+        self._update_main(pod, health=health)
+
+    def settle(self) -> None:
+        """Every container whose health check is still starting passes it."""
+        for p in self.stack.pods:
+            if p.main is not None and p.main.health == "starting":
+                self.set_health(p.name, "healthy")
+
+    def crash(self, pod: str, exit_code: int = 1) -> None:
+        """The pod's main container exits now."""
+        self._update_main(pod, state="exited", exit_code=exit_code, exited_at=self.now, health=None)
+
+    def _update_main(self, pod: str, **changes: object) -> None:
+        found = self.pod(pod)
+        assert found is not None and found.main is not None, pod
+        changed = dataclasses.replace(found, main=dataclasses.replace(found.main, **changes))
+        self._replace(pods=tuple(changed if p.name == pod else p for p in self.stack.pods))
+
+    def _health(self, template_has_check: bool) -> str | None:
+        return self.start_health if template_has_check else None
+
     # -- acting ----------------------------------------------------------------------------
 
     def apply(self, action: Action) -> None:
@@ -160,7 +228,9 @@ class FakeWorld:
             RemoveNetwork: self._remove_network,
             RemoveVolume: self._remove_volume,
         }[type(action)]
+        before = self.stack
         handler(action)
+        self.trace.append((action, before))
 
     def _replace(self, **changes: object) -> None:
         self.stack = dataclasses.replace(self.stack, **changes)
@@ -188,8 +258,15 @@ class FakeWorld:
                 if any(host_ports_clash(b.host, bound) for b in t.ports):
                     raise WorldError("PortInUse", f"{bound} is bound by pod {other.name}")
         self._serial += 1
-        pod = make_pod(t, uid=f"{t.pod_name}-{self._serial}")
+        pod = make_pod(
+            t,
+            uid=f"{t.pod_name}-{self._serial}",
+            health=self._health(t.probe is not None),
+            started_at=self.now,
+        )
         self.mounts[t.pod_name] = frozenset(m.volume for m in t.mounts)
+        if t.probe is not None:
+            self._checked.add(t.pod_name)
         self._replace(pods=(*self.stack.pods, pod))
 
     def _start_pod(self, action: StartPod) -> None:
@@ -198,13 +275,22 @@ class FakeWorld:
             return  # the driver ignores NotFound: the next pass recreates it
         main = pod.main
         if main is not None:
-            main = dataclasses.replace(main, state="running", exit_code=0)
+            has_check = main.health is not None or pod.name in self._checked
+            main = dataclasses.replace(
+                main,
+                state="running",
+                exit_code=0,
+                started_at=self.now,
+                health=self._health(has_check),
+            )
+            self.restarts.setdefault(pod.name, []).append(self.now)
         # A pod without its main container starts only its infra container.
         started = dataclasses.replace(pod, main=main, status="Running")
         self._replace(pods=tuple(started if p.name == pod.name else p for p in self.stack.pods))
 
     def _remove_pod(self, action: RemovePod) -> None:
         self.mounts.pop(action.pod, None)
+        self._checked.discard(action.pod)
         self._replace(pods=tuple(p for p in self.stack.pods if p.name != action.pod))
 
     def _remove_network(self, action: RemoveNetwork) -> None:
@@ -260,10 +346,52 @@ class FakeWorld:
                 result.order.append(step.key)
         return result
 
+    def reconcile(
+        self,
+        desired: DesiredStack | None,
+        *,
+        limit: int = 20,
+        rng: random.Random | None = None,
+        backoff: bool = False,
+        settle: bool = True,
+    ) -> list[Pass]:
+        """Plan and run, pass after pass, until a plan has no steps or `limit` passes ran.
+
+        With `settle`, health checks still starting pass between passes, and a plan without
+        steps ends the passes only once none is starting (the world would still change).
+        With `backoff` the planner is given the world's clock and restart records. The last
+        pass returned has an empty plan unless the limit cut the passes short.
+        """
+        passes: list[Pass] = []
+        for _ in range(limit):
+            now: datetime | None = self.now if backoff else None
+            restarts: Mapping[str, Sequence[datetime]] | None = self.restarts if backoff else None
+            p = plan_of(desired, self.stack, self.has_image, now=now, restarts=restarts)
+            passes.append(Pass(p, self.run(p, rng) if p.steps else Execution()))
+            starting = settle and self._starting()
+            if settle:
+                self.settle()
+            if not p.steps and not starting:
+                break
+        return passes
+
+    def _starting(self) -> bool:
+        return any(p.main is not None and p.main.health == "starting" for p in self.stack.pods)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One plan and what happened when it ran."""
+
+    plan: Plan
+    run: Execution
+
 
 __all__ = [
+    "EPOCH",
     "Execution",
     "FakeWorld",
+    "Pass",
     "WorldError",
     "converged",
     "make_pod",

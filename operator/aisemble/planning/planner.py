@@ -104,11 +104,14 @@ class _Planner:
         self.held: dict[str, tuple[str, str]] = {}
         self.removals: list[tuple[Step, ObservedPod]] = []
         self.backoff: list[Backoff] = []
+        self._template_names = {t.pod_name for t in desired.pods}
 
     def run(self) -> Plan:
         infra = self._infrastructure()
         slots = self._slots()
         self._hold_unavailable(slots)
+        for pod, port, taker in self._handovers(slots):
+            self._remove(pod, f"host port {port[1]}/{port[2]} moves to service {taker}")
         # Every removal is planned before any creation, so a creation can wait for
         # the removal that frees its host port, whichever service held it.
         current = {
@@ -185,7 +188,14 @@ class _Planner:
         changed = True
         while changed:
             changed = False
-            kept = [p for (svc, _), pods in sorted(slots.items()) if svc in self.held for p in pods]
+            handed = {pod.name for pod, _, _ in self._handovers(slots)}
+            kept = [
+                p
+                for (svc, _), pods in sorted(slots.items())
+                if svc in self.held
+                for p in pods
+                if p.name not in handed
+            ]
             for service in self.desired.order:
                 if service in self.held:
                     continue
@@ -223,6 +233,33 @@ class _Planner:
                 else:
                     continue
                 changed = True
+
+    def _handovers(
+        self, slots: dict[tuple[str, int], list[ObservedPod]]
+    ) -> list[tuple[ObservedPod, tuple[str, int, str], str]]:
+        """Old pods binding a host port that the spec now gives another service.
+
+        They go now, whatever their own service waits for: the port has moved, and
+        keeping it would leave the new holder waiting, possibly for them (a service
+        waiting for its dependency while the dependency waits for its port). Only a
+        service held for a missing image keeps its pods: nothing could replace them.
+        """
+        found = []
+        for (service, _), pods in sorted(slots.items()):
+            if self.held.get(service, ("",))[0] == IMAGE_NOT_FOUND:
+                continue
+            for pod in pods:
+                for port in pod.host_ports:
+                    takers = [
+                        t.service
+                        for t in self.desired.pods
+                        if t.service != service
+                        and any(host_ports_clash(b.host, port) for b in t.ports)
+                    ]
+                    if takers:
+                        found.append((pod, port, takers[0]))
+                        break
+        return found
 
     def _current(
         self, template: PodTemplate, slots: dict[tuple[str, int], list[ObservedPod]]
@@ -276,7 +313,9 @@ class _Planner:
             stale = [p for p in pods if p is not keep and p not in self._removed()]
             recreate = template.recreate or any(p.name == template.pod_name for p in stale)
             for pod in stale:
-                if recreate or not pod.running:
+                # A pod carrying the name of a replica to be created goes first, whichever
+                # slot its (possibly tampered) labels put it in.
+                if recreate or not pod.running or pod.name in self._template_names:
                     removals.append(self._remove(pod, "spec changed"))
                 elif keep is not None and keep.ready:
                     self._remove(pod, "replaced by a ready replica of the new spec")
