@@ -203,6 +203,14 @@ class Controller:
         if report.outcomes:
             # Look again soon: what was started may not be ready yet.
             self.schedule(key, 1.0)
+        if report.freed_gpus:
+            # Devices went back to the ledger: stacks waiting for some get a look now.
+            for stored in self.store.list(include_deleting=False):
+                waiting = stored.status and any(
+                    s.reason == "Unschedulable" for s in stored.status.services
+                )
+                if waiting and stored.key != key and stored.source in self.sources:
+                    self.schedule(stored.key)
 
     def run_forever(self, follower: EventFollower | None = None) -> None:
         """Until stopped: full resyncs every `resync` seconds, single stacks in between."""
@@ -300,7 +308,11 @@ def settled(report: PassReport) -> bool:
     """Nothing more will happen without a change: converged, failed for good, or gone."""
     if report.status is None:  # a deletion: settled once the stack is forgotten
         return report.forgotten or not report.plan
-    return report.status.phase in SETTLED and not report.failed_transiently
+    status = report.status
+    waiting_for_devices = status.phase == Phase.PENDING and any(
+        s.reason == "Unschedulable" for s in status.services
+    )
+    return (status.phase in SETTLED or waiting_for_devices) and not report.failed_transiently
 
 
 __all__ = ["Controller", "RoundReport", "settled"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aisemble.model import AISemble, AISembleStatus, Phase, StackKey
-from aisemble.planning import naming
+from aisemble.planning import gpu, naming
 from aisemble.planning.actions import (
     Backoff,
     Plan,
@@ -31,6 +31,7 @@ from aisemble.planning.desired import DesiredStack, render
 from aisemble.planning.observed import Observed, ObservedStack
 from aisemble.planning.planner import CRASH_LOOP_RESTARTS, plan
 from aisemble.planning.status import DEADLINE_EXCEEDED, PassResult, fold
+from aisemble.podman.cdi import Inventory
 from aisemble.podman.driver import PodmanDriver
 from aisemble.podman.errors import ActionFailed, PodmanUnavailable
 from aisemble.sources.store import Store, StoredStack
@@ -73,6 +74,7 @@ class PassReport:
     forgotten: bool = False  # the stack was deleted and is now gone entirely
     phase_changed: bool = False
     requeue_after: float | None = None  # seconds until a new pass is due (back-off, health)
+    freed_gpus: bool = False  # devices went back to the ledger: others may get them now
 
     @property
     def failed(self) -> list[StepOutcome]:
@@ -84,6 +86,23 @@ class PassReport:
         return any(o.skipped or (o.error and not o.error.permanent) for o in self.failed)
 
 
+@dataclass
+class GpuAssignment:
+    devices: dict[tuple[str, int], list[gpu.Device]] = field(default_factory=dict)
+    held: dict[str, tuple[str, str]] = field(default_factory=dict)  # service -> (reason, why)
+    lost: dict[str, list[str]] = field(default_factory=dict)  # service -> devices gone
+    freed: bool = False
+
+    def fingerprint(self) -> tuple:
+        return tuple(sorted((k, tuple(d.id for d in v)) for k, v in self.devices.items()))
+
+    def by_service(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for (service, _), devices in sorted(self.devices.items()):
+            found.setdefault(service, []).extend(d.cdi for d in devices)
+        return found
+
+
 class Reconciler:
     def __init__(
         self,
@@ -92,13 +111,15 @@ class Reconciler:
         clock: Clock = utc_now,
         parallelism: int = 8,
         progress: Progress | None = None,
+        inventory: Inventory | None = None,
     ) -> None:
         self.store = store
         self.driver = driver
         self.clock = clock
         self.parallelism = parallelism
         self.progress = progress
-        self._rendered: dict[StackKey, tuple[int, DesiredStack]] = {}  # by revision
+        self._rendered: dict[StackKey, tuple[tuple, DesiredStack]] = {}  # by revision, GPUs
+        self.inventory = inventory or Inventory()
 
     def reconcile(
         self, key: StackKey, observed: Observed | None = None, stored: StoredStack | None = None
@@ -116,14 +137,23 @@ class Reconciler:
             return self._teardown(key, stored, observed.stack(key), observed)
 
         resource = self._running_spec(stored)
-        desired = self._render(stored, resource)
+        gpus = self._assign_gpus(key, resource)
+        desired = self._render(stored, resource, gpus)
         observed = self.driver.check_health(observed, [key])
         now = self.clock()
         history = self.store.restarts(key)
         report = PassReport(  # 3. plan
             key,
-            plan(desired, observed.stack(key), observed.has_image, now=now, restarts=history),
+            plan(
+                desired,
+                observed.stack(key),
+                observed.has_image,
+                now=now,
+                restarts=history,
+                holds=gpus.held,
+            ),
         )
+        report.freed_gpus = gpus.freed
         report.outcomes = self._execute(report.plan)  # 4. execute
         self._record_restarts(key, report, observed)
         if report.outcomes:
@@ -138,6 +168,8 @@ class Reconciler:
             logs=self._crash_logs(report.plan.backoff, current),
             restarts={pod: len(times) for pod, times in self.store.restarts(key).items()},
             pinned=stored.pinned,
+            gpus=gpus.by_service(),
+            lost_gpus=gpus.lost,
         )
         report.status = fold(stored.resource, desired, current, result, now, stored.status)
         self._roll_back_if_due(stored, report)
@@ -169,8 +201,9 @@ class Reconciler:
             if not after.pods and after.network is None and not after.strays:
                 self.driver.remove_status(key)
                 if stored is not None:
-                    self.store.forget(key)
+                    self.store.forget(key)  # and its GPU grants: others may have them now
                     report.forgotten = True
+                    report.freed_gpus = True
         return report
 
     def _running_spec(self, stored: StoredStack) -> AISemble:
@@ -243,13 +276,55 @@ class Reconciler:
             for r in resources
         ]
 
-    def _render(self, stored: StoredStack, resource: AISemble) -> DesiredStack:
-        """Rendering hashes every service; the stack's revision says when to do it again."""
+    def _render(self, stored: StoredStack, resource: AISemble, gpus: GpuAssignment) -> DesiredStack:
+        """Rendering hashes every service; the stack's revision (and its devices) say when
+        to do it again."""
+        version = (stored.revision, gpus.fingerprint())
         cached = self._rendered.get(stored.key)
-        if cached is None or cached[0] != stored.revision:
-            cached = (stored.revision, render(resource, self.store.owner))
+        if cached is None or cached[0] != version:
+            cached = (version, render(resource, self.store.owner, gpus.devices))
             self._rendered[stored.key] = cached
         return cached[1]
+
+    def _assign_gpus(self, key: StackKey, resource: AISemble) -> GpuAssignment:
+        """Give the stack's replicas their GPUs from the ledger every stack shares.
+
+        A service any of whose replicas cannot get its devices is held whole (no
+        partial start) and keeps only what it held before.
+        """
+        requests = gpu.requests_of(key, resource.spec.services)
+        asking = {r.holder for r in requests}
+        ledger = self.store.gpu_grants()
+        release = [g.holder for g in ledger if g.holder.key == key and g.holder not in asking]
+        if not requests and not release:
+            return GpuAssignment()
+        with self.store.gpu_lock() as locked:
+            if not locked:
+                raise PodmanUnavailable("another process has held the GPU ledger for 30s")
+            ledger = self.store.gpu_grants()
+            inventory = self.inventory.devices()
+            allocation = gpu.allocate(requests, inventory, ledger, release)
+            blocked = {h.service for h in allocation.unschedulable}
+            before = set(ledger)
+            grants = [
+                g
+                for g in allocation.grants
+                if g.holder.key != key or g.holder.service not in blocked or g in before
+            ]
+            if set(grants) != before:
+                self.store.set_gpu_grants(grants)
+        allocation.grants = grants
+        held = {}
+        for holder, why in sorted(allocation.unschedulable.items()):
+            held.setdefault(holder.service, (gpu.UNSCHEDULABLE, f"replica {holder.replica}: {why}"))
+        devices = {
+            (r.holder.service, r.holder.replica): allocation.devices(r.holder, inventory)
+            for r in requests
+            if r.holder.service not in blocked
+        }
+        lost = {h.service: [d for d in gone] for h, gone in allocation.lost.items()}
+        freed = any(g not in grants for g in before)
+        return GpuAssignment(devices, held, lost, freed)
 
     # -- executing -------------------------------------------------------------------------
 

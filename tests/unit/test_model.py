@@ -155,7 +155,35 @@ class TestRejected:
             ),
             (
                 {"services": [{"name": "a", "image": "i", "resources": {"gpus": -1}}]},
-                "greater than or equal to 0",
+                "greater than or equal to 1",
+            ),
+            (
+                {"services": [{"name": "a", "image": "i", "resources": {"gpus": 0}}]},
+                "greater than or equal to 1",
+            ),
+            (
+                {
+                    "services": [
+                        {
+                            "name": "a",
+                            "image": "i",
+                            "resources": {"gpus": 1, "gpuDevices": ["nvidia.com/gpu=0"]},
+                        }
+                    ]
+                },
+                "either gpus (a count) or gpuDevices (names), not both",
+            ),
+            (
+                {"services": [{"name": "a", "image": "i", "resources": {"gpuDevices": ["gpu0"]}}]},
+                "String should match pattern",
+            ),
+            (
+                {
+                    "services": [
+                        {"name": "a", "image": "i", "resources": {"gpuKind": "nvidia.com/gpu"}}
+                    ]
+                },
+                "set gpus too",
             ),
         ],
     )

@@ -14,6 +14,8 @@ from aisemble.cli.printing import error, note
 from aisemble.cli.session import Session
 from aisemble.loading import ManifestError, Manifests, load_paths
 from aisemble.model import AISemble, Phase, StackKey
+from aisemble.planning import gpu
+from aisemble.podman.cdi import Inventory
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.reconciler import PassReport, StepOutcome
 from aisemble.sources.store import StoreError
@@ -68,9 +70,41 @@ def load(args: argparse.Namespace) -> Manifests | None:
     return manifests
 
 
+def check_gpus(manifests: Manifests) -> bool:
+    """Requests no host state could ever meet are input errors: refused before storing."""
+    requests = [
+        (doc, request)
+        for doc in manifests.documents
+        for request in gpu.requests_of(doc.key, doc.resource.spec.services)
+        if request.holder.replica == 0
+    ]
+    if not requests:
+        return True
+    inventory = Inventory().devices()
+    problems = []
+    for doc, request in requests:
+        why = gpu.impossible(request, inventory)
+        if why:
+            index = next(
+                i
+                for i, s in enumerate(doc.resource.spec.services)
+                if s.name == request.holder.service
+            )
+            field = "gpuDevices" if request.names else "gpus"
+            problems.append(
+                f"{doc.source}: document {doc.index} ({doc.key}): "
+                f"spec.services[{index}].resources.{field}: {why}"
+            )
+    for problem in problems:
+        error(problem)
+    if problems:
+        note(f"{len(problems)} problem(s) found; nothing was applied (see: aisemble gpus)")
+    return not problems
+
+
 def cmd_apply(args: argparse.Namespace, session: Session) -> int:
     manifests = load(args)
-    if manifests is None:
+    if manifests is None or not check_gpus(manifests):
         return 1
     if args.dry_run:
         return _dry_run(manifests, session)
@@ -117,7 +151,7 @@ def _summarize(
             )
         else:
             code = 1
-            if status.phase in (Phase.DEGRADED, Phase.FAILED):
+            if status.phase in (Phase.DEGRADED, Phase.FAILED, Phase.PENDING):
                 error(f"{key}: {status.phase.value} ({status.ready} services ready)")
             else:
                 error(f"{key}: not ready after {timeout:.0f}s ({status.ready} services ready)")

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--once", action="store_true", help="one pass over everything, then exit")
 
+    sub.add_parser("gpus", help="the host's GPUs (CDI devices) and who holds each")
+
     p = sub.add_parser("doctor", help="check the host; print a fix for each failure")
     p.add_argument("--fix", action="store_true", help="apply the fixes that are safe to apply")
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
 
-    from aisemble.cli import apply, doctor, run, show, wait
+    from aisemble.cli import apply, doctor, gpus, run, show, wait
     from aisemble.cli.session import Session
     from aisemble.podman.errors import PodmanUnavailable
 
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "describe": show.cmd_describe,
         "events": show.cmd_events,
         "wait": wait.cmd_wait,
+        "gpus": gpus.cmd_gpus,
         "run": run.cmd_run,
         "doctor": doctor.cmd_doctor,
         "images": images_cli.cmd_images,

@@ -20,6 +20,14 @@ ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# CDI device kinds and names (vendor.com/class=name), as podman takes them in --device.
+CDI_KIND = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
+CdiName = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?=[a-zA-Z0-9]([-a-zA-Z0-9_.:]*[a-zA-Z0-9])?$"
+    ),
+]
 # Lists keyed by a field merge item by item under server-side apply.
 LIST_MAP_BY_NAME = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
 
@@ -62,12 +70,55 @@ class Resources(StrictModel):
     )
     gpus: int | None = Field(
         None,
-        ge=0,
-        description="Number of GPUs the service needs. Validated and recorded; assigning "
-        "devices through CDI is not implemented yet, so the service runs without them.",
+        ge=1,
+        le=64,
+        description="Number of GPUs each replica needs, chosen from the host's CDI devices "
+        "(see gpuKind, gpuMinMemory). Omit for none.",
+    )
+    gpuDevices: list[CdiName] | None = Field(
+        None,
+        min_length=1,
+        description="Exactly these CDI devices for each replica, e.g. `nvidia.com/gpu=0`; "
+        "instead of `gpus`.",
+    )
+    gpuKind: str | None = Field(
+        None,
+        pattern=CDI_KIND,
+        description="Only devices of this CDI kind, e.g. `nvidia.com/gpu` (default: any kind).",
+    )
+    gpuMinMemory: str | None = Field(
+        None,
+        description="Only devices with at least this much memory (a quantity such as `16Gi`); "
+        "devices whose memory is unknown do not qualify.",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    gpuSharing: Literal["exclusive", "shared"] = Field(
+        "exclusive",
+        description="`exclusive`: no other replica gets the device. `shared`: time-slicing "
+        "among up to gpuMaxHolders shared holders, with no isolation of memory or faults.",
+    )
+    gpuMaxHolders: int = Field(
+        4, ge=2, le=64, description="With gpuSharing shared: replicas one device serves at most."
     )
 
-    @field_validator("cpus", "memory", mode="before")
+    @model_validator(mode="after")
+    def _one_way_to_ask(self) -> Resources:
+        if self.gpus is not None and self.gpuDevices is not None:
+            raise ValueError("give either gpus (a count) or gpuDevices (names), not both")
+        asks = self.gpus is not None or self.gpuDevices is not None
+        if not asks and (self.gpuKind or self.gpuMinMemory):
+            raise ValueError("gpuKind and gpuMinMemory qualify gpus; set gpus too")
+        if self.gpuDevices is not None and (self.gpuKind or self.gpuMinMemory):
+            raise ValueError("gpuKind and gpuMinMemory apply to gpus, not to named gpuDevices")
+        if self.gpuDevices is not None and len(set(self.gpuDevices)) != len(self.gpuDevices):
+            raise ValueError("gpuDevices names a device twice")
+        return self
+
+    @property
+    def wants_gpus(self) -> bool:
+        return self.gpus is not None or self.gpuDevices is not None
+
+    @field_validator("cpus", "memory", "gpuMinMemory", mode="before")
     @classmethod
     def _numbers_are_quantities(cls, value: object) -> object:
         if isinstance(value, bool):
@@ -83,7 +134,7 @@ class Resources(StrictModel):
             parse_cpu(value)
         return value
 
-    @field_validator("memory")
+    @field_validator("memory", "gpuMinMemory")
     @classmethod
     def _memory_parses(cls, value: str | None) -> str | None:
         if value is not None:

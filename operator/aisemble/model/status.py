@@ -53,6 +53,9 @@ class ServiceStatus(StatusModel):
     reason: str = Field("", description="CamelCase reason matching `message`, empty when ready.")
     restarts: int = Field(0, description="Times its replicas were restarted after they stopped.")
     lastError: str = Field("", description="The last failure seen, kept after it is mended.")
+    gpus: list[str] = Field(
+        default_factory=list, description="CDI names of the GPUs its replicas hold."
+    )
     pods: list[str] = Field(default_factory=list, description="Names of the service's podman pods.")
 
 

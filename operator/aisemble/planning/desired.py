@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from aisemble.model import AISemble, Service, StackKey
 from aisemble.model.quantity import parse_cpu, parse_memory
 from aisemble.planning import naming
+from aisemble.planning.gpu import Device, env_for
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class PodTemplate:
     stop_timeout: int
     labels: tuple[tuple[str, str], ...] = field(default=())
     probe: Probe | None = None
+    devices: tuple[str, ...] = ()  # CDI device names handed to podman
     # Replaced by removing the old replica first, not by starting the new one beside it:
     # a host port or an exclusive device cannot be held by two replicas at once.
     recreate: bool = False
@@ -101,7 +104,16 @@ class DesiredStack:
         return [p for p in self.pods if p.service == service]
 
 
-def render(resource: AISemble, owner: str) -> DesiredStack:
+def render(
+    resource: AISemble,
+    owner: str,
+    gpus: Mapping[tuple[str, int], Sequence[Device]] | None = None,
+) -> DesiredStack:
+    """The stack's pods; `gpus` gives each replica (service, replica) its allocated devices.
+
+    A replica's hash covers its devices: a replica moved to other devices is replaced.
+    """
+    gpus = gpus or {}
     key = resource.key
     spec = resource.spec
     network = naming.network_name(key)
@@ -119,14 +131,16 @@ def render(resource: AISemble, owner: str) -> DesiredStack:
             Mount(naming.volume_name(key, m.volume), m.mountPath, m.readOnly)
             for m in service.volumeMounts
         )
-        spec_hash = _hash(key, service, network, bindings, mounts)
         for replica in range(service.replicas):
+            devices = tuple(gpus.get((name, replica), ()))
+            spec_hash = _hash(key, service, network, bindings, mounts, devices)
             pod = naming.pod_name(key, name, replica, spec_hash)
             labels = {
                 **base_labels,
                 naming.SERVICE: name,
                 naming.REPLICA: str(replica),
                 naming.SPEC_HASH: spec_hash,
+                naming.REVISION: str(resource.metadata.generation or 1),
             }
             if bindings:
                 labels[naming.HOST_PORTS] = naming.encode_host_ports([b.host for b in bindings])
@@ -144,7 +158,9 @@ def render(resource: AISemble, owner: str) -> DesiredStack:
                     image=service.image,
                     command=tuple(service.command) if service.command is not None else None,
                     args=tuple(service.args) if service.args is not None else None,
-                    env=tuple((e.name, e.value) for e in service.env),
+                    env=tuple((e.name, e.value) for e in service.env)
+                    + tuple(sorted(env_for(devices).items())),
+                    devices=tuple(d.cdi for d in devices),
                     ports=bindings,
                     mounts=mounts,
                     nano_cpus=parse_cpu(service.resources.cpus) if service.resources.cpus else None,
@@ -154,7 +170,10 @@ def render(resource: AISemble, owner: str) -> DesiredStack:
                     stop_timeout=service.terminationGracePeriodSeconds,
                     labels=tuple(sorted(labels.items())),
                     probe=_probe(service),
-                    recreate=bool(bindings) or bool(service.resources.gpus),
+                    recreate=bool(bindings)
+                    or (
+                        service.resources.wants_gpus and service.resources.gpuSharing == "exclusive"
+                    ),
                 )
             )
     return DesiredStack(
@@ -224,8 +243,9 @@ def _hash(
     network: str,
     bindings: tuple[PortBinding, ...],
     mounts: tuple[Mount, ...],
+    devices: tuple[Device, ...] = (),
 ) -> str:
-    relevant = {
+    relevant: dict = {
         "stack": list(key),
         "network": network,
         "service": service.model_dump(
@@ -238,5 +258,7 @@ def _hash(
         "ports": [asdict(b) for b in bindings],
         "mounts": [asdict(m) for m in mounts],
     }
+    if devices:  # only then, so stacks without GPUs keep their hashes
+        relevant["devices"] = [d.id for d in devices]
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

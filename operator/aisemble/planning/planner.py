@@ -50,17 +50,20 @@ def plan(
     purge_volumes: bool = False,
     now: datetime | None = None,
     restarts: Mapping[str, Sequence[datetime]] | None = None,
+    holds: Mapping[str, tuple[str, str]] | None = None,
 ) -> Plan:
     """The steps that turn `observed` into `desired` (None: the stack was deleted).
 
     `restarts` holds each pod's recent restarts; with `now`, a replica that keeps
     crashing is restarted only after its back-off (and the plan says when).
+    `holds` are services the caller already knows cannot start (no GPU free):
+    they keep what runs, and their dependents wait.
     """
     if desired is None:
         return _teardown(observed, purge_volumes)
     if desired.suspend:
         return Plan(desired.key)
-    return _Planner(desired, observed, has_image, now, restarts or {}).run()
+    return _Planner(desired, observed, has_image, now, restarts or {}, holds or {}).run()
 
 
 def backoff_delay(restarts: int) -> float:
@@ -93,6 +96,7 @@ class _Planner:
         has_image: Callable[[str], bool],
         now: datetime | None,
         restarts: Mapping[str, Sequence[datetime]],
+        holds: Mapping[str, tuple[str, str]],
     ) -> None:
         self.desired = desired
         self.observed = observed
@@ -101,7 +105,7 @@ class _Planner:
         self.restarts = restarts
         self.key: StackKey = desired.key
         self.steps: list[Step] = []
-        self.held: dict[str, tuple[str, str]] = {}
+        self.held: dict[str, tuple[str, str]] = dict(holds)
         self.removals: list[tuple[Step, ObservedPod]] = []
         self.backoff: list[Backoff] = []
         self._template_names = {t.pod_name for t in desired.pods}
@@ -176,6 +180,8 @@ class _Planner:
         so this runs until nothing changes.
         """
         for service in self.desired.order:
+            if service in self.held:
+                continue
             image = self.desired.images[service]
             # Only a service that must start something needs its image (and only then
             # is the host asked): running pods keep running whatever became of it.

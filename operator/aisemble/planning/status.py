@@ -14,6 +14,7 @@ from datetime import datetime
 from aisemble.model import AISemble, AISembleStatus, Condition, Endpoint, Phase, ServiceStatus
 from aisemble.planning.actions import Backoff
 from aisemble.planning.desired import DesiredStack
+from aisemble.planning.gpu import UNSCHEDULABLE
 from aisemble.planning.observed import ObservedStack
 from aisemble.planning.planner import (
     CRASH_LOOP_RESTARTS,
@@ -36,6 +37,7 @@ FAILURE_REASONS = {
     "ContainerExited",
     CRASH_LOOP,
     DEADLINE_EXCEEDED,
+    "DeviceLost",
 }
 
 
@@ -50,6 +52,8 @@ class PassResult:
     logs: Mapping[str, str] = field(default_factory=dict)  # pod -> last lines of its output
     restarts: Mapping[str, int] = field(default_factory=dict)  # pod -> restarts recorded
     pinned: int | None = None  # a rollback runs this generation instead of the spec's
+    gpus: Mapping[str, list[str]] = field(default_factory=dict)  # service -> CDI names held
+    lost_gpus: Mapping[str, list[str]] = field(default_factory=dict)  # service -> devices gone
 
 
 def fold(
@@ -68,6 +72,7 @@ def fold(
     ready = [s for s in services if s.readyReplicas >= s.desiredReplicas and not s.reason]
     failed = [s for s in services if s.reason in FAILURE_REASONS]
     waiting = [s for s in services if s.reason in (WAITING_FOR_DEPENDENCY, WAITING_FOR_PORT)]
+    unschedulable = [s for s in services if s.reason == UNSCHEDULABLE]
 
     if resource.spec.suspend:
         phase = Phase.SUSPENDED
@@ -75,8 +80,15 @@ def fold(
         phase = Phase.DEGRADED  # runs, but not the spec it was given
     elif len(ready) == len(services):
         phase = Phase.READY
-    elif failed and not result.pending and len(failed) + len(waiting) + len(ready) == len(services):
+    elif (
+        failed
+        and not result.pending
+        and len(failed) + len(waiting) + len(ready) + len(unschedulable) == len(services)
+    ):
         phase = Phase.DEGRADED if ready else Phase.FAILED
+    elif unschedulable and len(unschedulable) + len(waiting) + len(ready) == len(services):
+        # The rest runs; these wait for devices, which no amount of retrying frees.
+        phase = Phase.PENDING
     elif observed.empty and not ready:
         phase = Phase.PENDING if not result.pending else Phase.PROGRESSING
     else:
@@ -153,6 +165,12 @@ def _service_status(
         message = f"{len(pods) - len(current)} replica(s) of an older spec to remove"
     if resource.spec.suspend and reason in ("Starting", "Updating"):
         reason, message = "Suspended", "reconciling is suspended; " + message
+    if name in result.lost_gpus:
+        gone = ", ".join(result.lost_gpus[name])
+        message = f"GPU {gone} is gone from the host's CDI specs" + (
+            f"; {message}" if message else ""
+        )
+        reason = reason or "DeviceLost"
     failing = reason in FAILURE_REASONS or reason == "Restarting"
     return ServiceStatus(
         name=name,
@@ -163,6 +181,7 @@ def _service_status(
         message=message,
         restarts=sum(result.restarts.get(p.name, 0) for p in pods),
         lastError=message if failing else (previous.lastError if previous else ""),
+        gpus=list(result.gpus.get(name, [])),
         pods=sorted(p.name for p in pods),
     )
 

@@ -461,6 +461,8 @@ def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
             for m in t.mounts
         ],
     }
+    if t.devices:
+        payload["devices"] = [{"path": device} for device in t.devices]  # CDI names
     if t.command is not None:
         payload["entrypoint"] = list(t.command)
     if t.args is not None:

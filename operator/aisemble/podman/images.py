@@ -15,9 +15,9 @@ with debootstrap and `podman import`: its python3 is 3.11, as in the public imag
 No build step downloads anything. Python packages come from a wheelhouse filled
 on the host by pip with the host's own configuration (proxy, CA, local mirrors),
 so builds work offline and behind proxies alike; pip picks wheels for the images'
-CPython 3.11, whatever Python (3.11 or newer) runs aisemble. Each image gets a view of just
-the wheels its resolution picked (hard links) mounted at /wheels with
-`podman build --volume`, so the wheels never land in a layer, and a
+CPython 3.11, whatever Python (3.11 or newer) runs aisemble. Each image gets a
+view of just the wheels its resolution picked (hard links) mounted at /wheels
+with `podman build --volume`, so the wheels never land in a layer, and a
 requirements file pinning exactly that resolution.
 
 An image is up to date when its `aisemble.io/build-hash` label equals the hash

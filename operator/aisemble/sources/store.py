@@ -28,6 +28,7 @@ from pathlib import Path
 from aisemble.loading import Document
 from aisemble.model import AISemble, AISembleStatus, StackKey
 from aisemble.model.spec import host_ports_clash
+from aisemble.planning.gpu import Grant, Holder
 
 SCHEMA_VERSION = 2
 RESTARTS_KEPT_PER_STACK = 500
@@ -71,6 +72,16 @@ CREATE TABLE IF NOT EXISTS restarts (
     by TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS restarts_by_stack ON restarts (namespace, name, id);
+CREATE TABLE IF NOT EXISTS gpu_grants (
+    device TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    service TEXT NOT NULL,
+    replica INTEGER NOT NULL,
+    sharing TEXT NOT NULL,
+    max_holders INTEGER NOT NULL,
+    PRIMARY KEY (device, namespace, name, service, replica)
+);
 CREATE TABLE IF NOT EXISTS revisions (
     namespace TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -372,7 +383,7 @@ class Store:
                 (key.namespace, key.name),
             ).rowcount
             if gone:
-                for table in ("restarts", "revisions"):
+                for table in ("restarts", "revisions", "gpu_grants"):
                     db.execute(
                         f"DELETE FROM {table} WHERE namespace=? AND name=?",  # noqa: S608
                         (key.namespace, key.name),
@@ -412,6 +423,46 @@ class Store:
         for pod, time_ in rows:
             found.setdefault(pod, []).append(datetime.fromisoformat(time_))
         return found
+
+    # -- the GPU ledger ---------------------------------------------------------------------
+
+    def gpu_grants(self) -> list[Grant]:
+        """Who holds which device, across every stack of this store."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM gpu_grants ORDER BY device").fetchall()
+        return [
+            Grant(
+                r["device"],
+                Holder(r["namespace"], r["name"], r["service"], r["replica"]),
+                r["sharing"],
+                r["max_holders"],
+            )
+            for r in rows
+        ]
+
+    def set_gpu_grants(self, grants: list[Grant]) -> None:
+        """Replace the whole ledger (callers hold the GPU lock, see gpu_lock())."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM gpu_grants")
+            db.executemany(
+                "INSERT INTO gpu_grants VALUES (?,?,?,?,?,?,?)",
+                [
+                    (
+                        g.device,
+                        g.holder.namespace,
+                        g.holder.stack,
+                        g.holder.service,
+                        g.holder.replica,
+                        g.sharing,
+                        g.max_holders,
+                    )
+                    for g in grants
+                ],
+            )
+
+    def gpu_lock(self, timeout: float | None = 30.0):
+        """One process at a time decides about GPUs, so no device is handed out twice."""
+        return self.lock(StackKey("_", "gpus"), timeout=timeout)
 
     def record_ready(self, key: StackKey, resource: AISemble, now: datetime | None = None) -> None:
         """Remember the spec of a generation that was once ready: a rollback target."""
