@@ -195,19 +195,9 @@ def assert_dependencies_were_ready(world: FakeWorld, desired: DesiredStack) -> N
 
 
 def wait_graph(desired: DesiredStack, stack: ObservedStack) -> dict[str, set[str]]:
-    """Service -> the services it may wait for: its dependencies, and the services whose
-    pods of an older spec, still in a slot the spec wants, bind a host port it needs."""
-    waits = {name: set(desired.depends_on[name]) for name in desired.order}
-    for pod in stack.pods:
-        template = slot_template(desired, pod)
-        if template is None or current_pod(stack, template) is pod:
-            continue
-        for t in desired.pods:
-            if t.service != pod.service and any(
-                host_ports_clash(b.host, held) for b in t.ports for held in pod.host_ports
-            ):
-                waits[t.service].add(template.service)
-    return waits
+    """Service -> the services it may wait for: its dependencies. (An old pod binding a host
+    port another service needs is removed in the first pass, so ports add no waits.)"""
+    return {name: set(desired.depends_on[name]) for name in desired.order}
 
 
 def slot_template(desired: DesiredStack, pod: ObservedPod) -> PodTemplate | None:
