@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -184,8 +185,7 @@ def test_errors_say_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def test_a_wheelhouse_without_network_access_names_the_fix(tmp_path: Path) -> None:
     """Resolution reads only the wheelhouse; what it lacks is reported, not downloaded."""
-    python = images._pip_python()
-    house = images.Wheelhouse(tmp_path / "empty", python, lambda line: None, False)
+    house = images.Wheelhouse(tmp_path / "empty", sys.executable, lambda line: None, False)
     with pytest.raises(ImageBuildError) as exc:
         house.resolve(["surely-not-a-package-aisemble==1"])
     assert "surely-not-a-package-aisemble" in exc.value.output
