@@ -7,14 +7,20 @@ because these machines are noisy: results are ratios first, seconds second.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import os
+import signal
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aisemble.controller import Controller
 from aisemble.loading import load_text
@@ -123,3 +129,82 @@ def save(name: str, result: dict) -> Path:
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+# -- helpers for the benchmarks that run `aisemble run` as its own process ----------------
+
+
+def podman_url() -> str:
+    return os.environ.get("CONTAINER_HOST", "unix:///run/podman/podman.sock")
+
+
+class PodmanAPI:
+    """One keep-alive connection to podman's REST socket: polling costs one request, no fork."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.path = (url or podman_url()).removeprefix("unix://")
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection("localhost", timeout=30)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self.path)
+        conn.sock = sock
+        return conn
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """(status, decoded JSON body or None) of GET /v4.0.0/libpod`path`."""
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = self._connect()
+            try:
+                self.conn.request("GET", "/v4.0.0/libpod" + path)
+                response = self.conn.getresponse()
+                body = response.read()
+                break
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        return response.status, (json.loads(body) if body else None)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+@contextlib.contextmanager
+def aisemble_run(state_dir: Path, *args: str, ready_timeout: float = 30.0):
+    """`python -m aisemble run ARGS` as its own process over `state_dir`; its log in `.log`.
+
+    Yields the Popen once the loop says it is reconciling; stops it with SIGTERM after.
+    """
+    log_path = Path(state_dir) / "run.log"
+    env = {**os.environ, "AISEMBLE_STATE_DIR": str(state_dir), "CONTAINER_HOST": podman_url()}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aisemble", "run", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while b"reconciling stacks from" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"aisemble run did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # in case a benchmark paused it
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
