@@ -110,6 +110,11 @@ class Controller:
                     )
         self.schedule(event.key, DEBOUNCE)
 
+    def request_stop(self) -> None:
+        """Stop soon, even from an idle wait (safe to call from a signal handler)."""
+        self.stop.set()
+        self._wake.set()
+
     def request_resync(self) -> None:
         """Resync everything soon (the event stream was down: events may be lost)."""
         self._resync_requested = True

@@ -20,6 +20,7 @@ from aisemble.planning.actions import Backoff, CreatePod, Plan, RemovePod, Start
 from aisemble.planning.desired import DesiredStack, PodTemplate, render
 from aisemble.planning.observed import ObservedPod, ObservedStack
 from aisemble.planning.planner import (
+    POLICY_GRACE,
     RESTART_WINDOW,
     WAITING_FOR_DEPENDENCY,
     backoff_delay,
@@ -322,6 +323,11 @@ def expected_delay(restarts: int) -> float:
 BACKOFF = {"services": [svc("db"), svc("api", replicas=2, dependsOn=["db"]), svc("gw")]}
 
 
+def waited(restarts: int) -> timedelta:
+    """How long after a crash the planner starts a replica with `restarts` recent restarts."""
+    return max(timedelta(seconds=expected_delay(restarts)), POLICY_GRACE)
+
+
 class TestBackoff:
     def setup_method(self) -> None:
         self.desired = desired_of(BACKOFF)
@@ -383,7 +389,7 @@ class TestBackoff:
         now = EPOCH + timedelta(hours=1)
         old = now - RESTART_WINDOW - timedelta(seconds=1)
         recent = now - timedelta(seconds=1)
-        observed = self.crashed(recent)
+        observed = self.crashed(now - POLICY_GRACE)  # podman's policy had its chance
         only_old = {self.api0.pod_name: [old - timedelta(seconds=i) for i in range(5)]}
         p = plan(self.desired, observed, everything, now=now, restarts=only_old)
         assert started(p) == {self.api0.pod_name} and p.backoff == ()
@@ -392,9 +398,27 @@ class TestBackoff:
         assert [b.restarts for b in p.backoff] == [1]
         assert p.backoff[0].until == recent + timedelta(seconds=expected_delay(1))
 
+    def test_a_failed_process_is_left_to_podmans_restart_policy_for_a_moment(self) -> None:
+        """Podman restarts it within a tenth of a second; a start of ours would race it."""
+        now = EPOCH + timedelta(hours=1)
+        exited = now - timedelta(milliseconds=500)
+        p = plan(self.desired, self.crashed(exited), everything, now=now)
+        assert p.steps == ()
+        assert p.backoff == (Backoff("api", self.api0.pod_name, 0, exited + POLICY_GRACE, 137),)
+        assert p.requeue_after == pytest.approx(
+            (POLICY_GRACE - timedelta(milliseconds=500)).total_seconds()
+        )
+        later = exited + POLICY_GRACE  # podman did not bring it back: its retries ran out
+        assert started(plan(self.desired, self.crashed(exited), everything, now=later)) == {
+            self.api0.pod_name
+        }
+        # A clean exit is no failure: the policy (on-failure) leaves it, so we start it now.
+        clean = plan(self.desired, self.crashed(exited, exit_code=0), everything, now=now)
+        assert started(clean) == {self.api0.pod_name} and clean.backoff == ()
+
     def test_no_backoff_without_a_clock_or_without_restarts(self) -> None:
         now = EPOCH + timedelta(hours=1)
-        observed = self.crashed(now)
+        observed = self.crashed(now - POLICY_GRACE)
         history = {self.api0.pod_name: [now - timedelta(seconds=i) for i in range(6)]}
         for p in (
             plan(self.desired, observed, everything, restarts=history),
@@ -459,11 +483,11 @@ class TestBackoff:
             (b,) = p.backoff
             recent = [t for t in starts if world.now - t <= RESTART_WINDOW]
             assert (b.pod, b.restarts, b.exit_code) == (pod, len(recent), 3)
-            assert b.until == crashes[-1] + timedelta(seconds=expected_delay(len(recent)))
+            assert b.until == crashes[-1] + waited(len(recent))
             assert p.requeue_after is not None and p.requeue_after > 0
             world.tick(p.requeue_after)
-        # Each restart waited the back-off of the restarts before it, from the last crash.
-        assert starts[0] == crashes[0]
-        for k in range(1, len(starts)):
-            assert starts[k] - crashes[k] == timedelta(seconds=expected_delay(k))
+        # Each restart waited the back-off of the restarts before it, from the last crash,
+        # and never less than podman's restart policy is given to act first.
+        for k in range(len(starts)):
+            assert starts[k] - crashes[k] == waited(k)
         assert world.restarts[pod] == starts

@@ -115,6 +115,28 @@ def test_a_replica_not_ready_past_the_deadline_degrades_the_stack() -> None:
     assert status.phase == Phase.DEGRADED
 
 
+def test_a_missed_deadline_with_an_older_replica_still_serving_is_degraded_not_failed() -> None:
+    """A one-service stack whose update never became ready: the old replica serves on."""
+    res = resource(deadline=60)
+    only_api = res.model_copy(
+        update={"spec": res.spec.model_copy(update={"services": res.spec.services[:1]})}
+    )
+    desired = render(only_api, "owner")
+    late = with_api(only_api, health="unhealthy", created=NOW - timedelta(seconds=61))
+    [new] = late.pods
+    old = dataclasses.replace(
+        new,
+        name="lab-api-0ld00-0",
+        labels={**new.labels, "aisemble.io/spec-hash": "0ld00"},
+        main=dataclasses.replace(new.main, health="healthy"),
+    )
+    serving = fold(only_api, desired, dataclasses.replace(late, pods=(new, old)), PassResult(), NOW)
+    assert service(serving, "api").reason == "ProgressDeadlineExceeded"
+    assert serving.phase == Phase.DEGRADED
+    alone = fold(only_api, desired, late, PassResult(), NOW)  # nothing serves at all
+    assert alone.phase == Phase.FAILED
+
+
 def test_a_rolled_back_stack_is_degraded_and_says_what_runs() -> None:
     res = resource(rollback="auto", generation=5)
     desired = render(res, "owner")

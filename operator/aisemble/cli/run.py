@@ -32,6 +32,8 @@ def cmd_run(args: argparse.Namespace, session: Session) -> int:
     with session.controller(
         directories=directories, include_cli="store" in sources, resync=args.resync, stop=stop
     ) as controller:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # now also wake an idle loop
+            signal.signal(sig, lambda *_: controller.request_stop())
         names = ", ".join(sorted(controller.sources))
         log.info("reconciling stacks from %s; full resync every %.0fs", names, args.resync)
         if args.once:
@@ -45,7 +47,7 @@ def cmd_run(args: argparse.Namespace, session: Session) -> int:
                 controller.driver.url,
                 session.store.owner,
                 on_event=controller.on_event,
-                on_reconnect=controller.request_resync,
+                on_gap=controller.request_resync,
                 stop=stop,
             )
         controller.run_forever(follower)

@@ -41,6 +41,9 @@ RESTART_WINDOW = timedelta(minutes=10)
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
 CRASH_LOOP_RESTARTS = 3
+# Podman's restart policy brings a failed process back within a tenth of a second, and
+# a start of ours would race it (and re-arm its retries): it gets this long to act.
+POLICY_GRACE = timedelta(seconds=2)
 
 
 def plan(
@@ -357,14 +360,16 @@ class _Planner:
         if self.now is None:
             return False
         recent = [t for t in self.restarts.get(pod.name, ()) if self.now - t <= RESTART_WINDOW]
-        if not recent:
-            return False
         exited = pod.main.exited_at if pod.main else None
-        since = max([*recent, *([exited] if exited else [])])
-        until = since + timedelta(seconds=backoff_delay(len(recent)))
-        if self.now >= until:
-            return False
         exit_code = pod.main.exit_code if pod.main else 0
+        waits = []
+        if recent:
+            since = max([*recent, *([exited] if exited else [])])
+            waits.append(since + timedelta(seconds=backoff_delay(len(recent))))
+        if exited is not None and exit_code != 0:
+            waits.append(exited + POLICY_GRACE)
+        if not waits or self.now >= (until := max(waits)):
+            return False
         self.backoff.append(Backoff(service, pod.name, len(recent), until, exit_code))
         return True
 

@@ -85,7 +85,10 @@ def fold(
         and not result.pending
         and len(failed) + len(waiting) + len(ready) + len(unschedulable) == len(services)
     ):
-        phase = Phase.DEGRADED if ready else Phase.FAILED
+        # Degraded while anything still serves (an older replica a failed rollout left
+        # running counts); Failed when nothing does.
+        serving = ready or any(p.ready for p in observed.pods)
+        phase = Phase.DEGRADED if serving else Phase.FAILED
     elif unschedulable and len(unschedulable) + len(waiting) + len(ready) == len(services):
         # The rest runs; these wait for devices, which no amount of retrying frees.
         phase = Phase.PENDING
