@@ -93,6 +93,7 @@ def make_pod(
     health: str | None = _AUTO,
     started_at: datetime | None = None,
     exited_at: datetime | None = None,
+    created: datetime | None = None,
 ) -> ObservedPod:
     """The pod the driver's `CreatePod` leaves behind; `state=None`: its container is gone.
 
@@ -122,6 +123,7 @@ def make_pod(
         status="Running" if state == "running" else "Degraded",
         main=main,
         host_ports=tuple(sorted({b.host for b in template.ports})),
+        created=created,
     )
 
 
@@ -236,7 +238,7 @@ class FakeWorld:
         self.stack = dataclasses.replace(self.stack, **changes)
 
     def _create_network(self, action: CreateNetwork) -> None:
-        self._replace(network=action.name)
+        self._replace(network=action.name, network_created=self.now)
 
     def _create_volume(self, action: CreateVolume) -> None:
         if action.name not in self.stack.volumes:
@@ -263,6 +265,7 @@ class FakeWorld:
             uid=f"{t.pod_name}-{self._serial}",
             health=self._health(t.probe is not None),
             started_at=self.now,
+            created=self.now,
         )
         self.mounts[t.pod_name] = frozenset(m.volume for m in t.mounts)
         if t.probe is not None:

@@ -10,10 +10,11 @@ import copy
 import dataclasses
 import random
 from collections.abc import Callable, Set
+from datetime import timedelta
 from typing import TypeVar
 
 import pytest
-from fakeworld import FakeWorld, Pass, converged, make_pod
+from fakeworld import EPOCH, FakeWorld, Pass, converged, make_pod
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,7 +113,10 @@ def pod_of(desired: DesiredStack, service: str, replica: int = 0) -> str:
 
 
 def current_pod(stack: ObservedStack, template: PodTemplate) -> ObservedPod | None:
-    """The pod made from `template`: its name, its hash and its slot's labels."""
+    """The pod made from `template`: its name, its hash and its slot's labels, on the
+    stack's network (a pod never outlives its network in any useful way)."""
+    if stack.network is None:
+        return None
     return next(
         (
             p
@@ -121,6 +125,7 @@ def current_pod(stack: ObservedStack, template: PodTemplate) -> ObservedPod | No
             and p.spec_hash == template.spec_hash
             and p.service == template.service
             and p.replica == template.replica
+            and not (p.created and stack.network_created and p.created < stack.network_created)
         ),
         None,
     )
@@ -1182,14 +1187,45 @@ class TestRepairs:
         p = plan(self.desired, observed, everything)
         assert [a.template for a in p.actions()] == [self.web0]
 
-    def test_a_missing_network_and_volume_are_recreated(self) -> None:
+    def test_a_missing_network_and_volume_are_recreated_and_the_pods_with_them(self) -> None:
+        """A pod never changes networks: the ones left from the removed network are cut off."""
+        before = EPOCH - timedelta(minutes=1)  # made on the network since removed
         observed = dataclasses.replace(
-            converged(self.desired), network=None, volumes=self.desired.volumes[1:]
+            converged(self.desired),
+            pods=tuple(make_pod(t, created=before) for t in self.desired.pods),
+            network=None,
+            volumes=self.desired.volumes[1:],
         )
         p = plan(self.desired, observed, everything)
         assert [a.name for a in of_type(p, CreateNetwork)] == [self.desired.network]
         assert [a.name for a in of_type(p, CreateVolume)] == [self.desired.volumes[0]]
-        assert not of_type(p, RemovePod) and not creates(p)
+        # Services free to start are replaced now; their dependents once they are ready.
+        removed = of_type(p, RemovePod)
+        free = {t.pod_name for t in self.desired.pods if not self.desired.depends_on[t.service]}
+        assert {a.pod for a in removed} == free
+        assert {a.reason for a in removed} == {"its network was removed"}
+        world = FakeWorld(observed, [t.image for t in self.desired.pods])
+        world.reconcile(self.desired)
+        assert world.stack.network == self.desired.network
+        assert sorted(world.pod_names) == sorted(t.pod_name for t in self.desired.pods)
+        assert all(p.created >= EPOCH for p in world.stack.pods)  # every one made anew
+
+    def test_pods_older_than_the_network_are_replaced(self) -> None:
+        """Podman removes a network's pods one by one: a pod made in the meantime joined the
+        network being removed, and sits on it after the network is made again."""
+        made = EPOCH + timedelta(seconds=10)
+        fresh = tuple(dataclasses.replace(make_pod(t), created=made) for t in self.desired.pods)
+        stranded = dataclasses.replace(fresh[0], created=made - timedelta(milliseconds=5))
+        observed = dataclasses.replace(
+            converged(self.desired), pods=(stranded, *fresh[1:]), network_created=made
+        )
+        p = plan(self.desired, observed, everything)
+        assert [(a.pod, a.reason) for a in of_type(p, RemovePod)] == [
+            (stranded.name, "its network was removed")
+        ]
+        assert [a.template.pod_name for a in creates(p)] == [stranded.name]
+        settled = dataclasses.replace(observed, pods=fresh)
+        assert not plan(self.desired, settled, everything)
 
     def test_stale_duplicate_in_a_slot_is_removed_and_the_current_pod_kept(self) -> None:
         stale_tpl = desired_of(with_service(NEW_STACK, "web", port=81)).templates("web")[0]

@@ -83,6 +83,9 @@ class ObservedStack:
     strays: tuple[ObservedContainer, ...] = ()  # service containers outside any pod
     # Labels of the pod that mirrors the stack's status for `podman pod ps` (when looked at).
     status_labels: dict[str, str] | None = None
+    # When the stack's network was created: a pod older than its network is on one that
+    # was removed (a pod never changes networks), cut off from its peers.
+    network_created: datetime | None = None
 
     @property
     def empty(self) -> bool:
@@ -123,7 +126,9 @@ class Observed:
     @staticmethod
     def assemble(
         pods: Iterable[ObservedPod],
-        networks: Iterable[tuple[str, dict[str, str]]],
+        networks: Iterable[
+            tuple[str, dict[str, str]] | tuple[str, dict[str, str], datetime | None]
+        ],
         volumes: Iterable[tuple[str, dict[str, str]]],
         images: Iterable[str] | None = None,
         list_images: Callable[[], Iterable[str]] | None = None,
@@ -144,9 +149,11 @@ class Observed:
         for pod in pods:
             if (b := bucket(pod.labels)) is not None:
                 b["pods"].append(pod)
-        for name, labels in networks:
+        created: dict[str, datetime | None] = {}
+        for name, labels, *when in networks:
             if (b := bucket(labels)) is not None:
                 b["networks"].append(name)
+                created[name] = when[0] if when else None
         for name, labels in volumes:
             if (b := bucket(labels)) is not None:
                 b["volumes"].append(name)
@@ -167,6 +174,7 @@ class Observed:
                 tuple(sorted(n for n in b["networks"] if n != own)),
                 tuple(sorted(b["strays"], key=lambda c: c.name)),
                 b["status"],
+                created.get(own),
             )
         return Observed(
             stacks=stacks,

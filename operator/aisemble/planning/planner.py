@@ -174,6 +174,16 @@ class _Planner:
                 slots.setdefault((service, replica), []).append(pod)
         return slots
 
+    def _stranded(self, pod: ObservedPod) -> bool:
+        """Whether `pod` sits on a network that was removed (it predates the stack's network,
+        or the stack has none): cut off from its peers for good, so it is replaced like a
+        pod of an older spec. Podman removes a network's pods one by one, so a pod made in
+        the meantime is left behind on the removed network."""
+        if self.observed.network is None:
+            return True
+        made, network = pod.created, self.observed.network_created
+        return made is not None and network is not None and made < network
+
     def _hold_unavailable(self, slots: dict[tuple[str, int], list[ObservedPod]]) -> None:
         """Services that cannot start this pass keep what runs now, untouched.
 
@@ -274,14 +284,19 @@ class _Planner:
         self, template: PodTemplate, slots: dict[tuple[str, int], list[ObservedPod]]
     ) -> ObservedPod | None:
         """The replica's pod made from the current spec, if there is one."""
-        return next(
-            (
-                p
-                for p in slots.get((template.service, template.replica), [])
-                if p.name == template.pod_name and p.spec_hash == template.spec_hash
-            ),
-            None,
-        )
+        return next(iter(self._made_from(template, slots)), None)
+
+    def _made_from(
+        self, template: PodTemplate, slots: dict[tuple[str, int], list[ObservedPod]]
+    ) -> list[ObservedPod]:
+        """The replica's pods made from the current spec and still on the stack's network."""
+        return [
+            p
+            for p in slots.get((template.service, template.replica), [])
+            if p.name == template.pod_name
+            and p.spec_hash == template.spec_hash
+            and not self._stranded(p)
+        ]
 
     def _ready(self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]) -> bool:
         """Every replica of `service` runs the current spec and is healthy."""
@@ -292,15 +307,10 @@ class _Planner:
         return True
 
     def _must_start(self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]) -> bool:
-        for template in self.desired.templates(service):
-            current = [
-                p
-                for p in slots.get((service, template.replica), [])
-                if p.name == template.pod_name and p.spec_hash == template.spec_hash
-            ]
-            if not any(p.running for p in current):
-                return True
-        return False
+        return any(
+            not any(p.running for p in self._made_from(template, slots))
+            for template in self.desired.templates(service)
+        )
 
     def _replace_stale(
         self, service: str, slots: dict[tuple[str, int], list[ObservedPod]]
@@ -322,10 +332,12 @@ class _Planner:
             stale = [p for p in pods if p is not keep and p not in self._removed()]
             recreate = template.recreate or any(p.name == template.pod_name for p in stale)
             for pod in stale:
+                stranded = self._stranded(pod)  # serves nobody: nothing to keep it for
                 # A pod carrying the name of a replica to be created goes first, whichever
                 # slot its (possibly tampered) labels put it in.
-                if recreate or not pod.running or pod.name in self._template_names:
-                    removals.append(self._remove(pod, "spec changed"))
+                if recreate or stranded or not pod.running or pod.name in self._template_names:
+                    why = "its network was removed" if stranded else "spec changed"
+                    removals.append(self._remove(pod, why))
                 elif keep is not None and keep.ready:
                     self._remove(pod, "replaced by a ready replica of the new spec")
                 # else: it serves until its successor is ready

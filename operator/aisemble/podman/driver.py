@@ -110,7 +110,7 @@ class PodmanDriver:
                 )
         observed = Observed.assemble(
             pods.values(),
-            [(n["name"], n.get("labels") or {}) for n in networks],
+            [(n["name"], n.get("labels") or {}, _parse_time(n.get("created"))) for n in networks],
             [(v["Name"], v.get("Labels") or {}) for v in volumes],
             list_images=self.images,
             strays=strays,
