@@ -200,10 +200,12 @@ class Reconciler:
             after = self.driver.observe([key], full=True).stack(key)
             if not after.pods and after.network is None and not after.strays:
                 self.driver.remove_status(key)
+                # Whatever GPUs it held are free now, even when another process (a
+                # `delete`) forgot it: stacks waiting for devices get a look.
+                report.freed_gpus = True
                 if stored is not None:
                     self.store.forget(key)  # and its GPU grants: others may have them now
                     report.forgotten = True
-                    report.freed_gpus = True
         return report
 
     def _running_spec(self, stored: StoredStack) -> AISemble:
@@ -303,17 +305,12 @@ class Reconciler:
                 raise PodmanUnavailable("another process has held the GPU ledger for 30s")
             ledger = self.store.gpu_grants()
             inventory = self.inventory.devices()
+            # A held service keeps exactly what it held: allocate() leaves it so.
             allocation = gpu.allocate(requests, inventory, ledger, release)
-            blocked = {h.service for h in allocation.unschedulable}
-            before = set(ledger)
-            grants = [
-                g
-                for g in allocation.grants
-                if g.holder.key != key or g.holder.service not in blocked or g in before
-            ]
+            before, grants = set(ledger), allocation.grants
             if set(grants) != before:
                 self.store.set_gpu_grants(grants)
-        allocation.grants = grants
+        blocked = {h.service for h in allocation.unschedulable}
         held = {}
         for holder, why in sorted(allocation.unschedulable.items()):
             held.setdefault(holder.service, (gpu.UNSCHEDULABLE, f"replica {holder.replica}: {why}"))

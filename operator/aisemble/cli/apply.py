@@ -80,16 +80,14 @@ def check_gpus(manifests: Manifests) -> bool:
     ]
     if not requests:
         return True
-    inventory = Inventory().devices()
+    host = Inventory()
+    inventory = host.devices()
     problems = []
     for doc, request in requests:
-        why = gpu.impossible(request, inventory)
+        services = doc.resource.spec.services
+        index = next(i for i, s in enumerate(services) if s.name == request.holder.service)
+        why = gpu.impossible(request, inventory, replicas=services[index].replicas)
         if why:
-            index = next(
-                i
-                for i, s in enumerate(doc.resource.spec.services)
-                if s.name == request.holder.service
-            )
             field = "gpuDevices" if request.names else "gpus"
             problems.append(
                 f"{doc.source}: document {doc.index} ({doc.key}): "
@@ -98,6 +96,8 @@ def check_gpus(manifests: Manifests) -> bool:
     for problem in problems:
         error(problem)
     if problems:
+        for unreadable in host.problems:  # perhaps why a device is missing
+            note(f"warning: {unreadable}")
         note(f"{len(problems)} problem(s) found; nothing was applied (see: aisemble gpus)")
     return not problems
 

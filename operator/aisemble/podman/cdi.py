@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -82,7 +83,8 @@ class Inventory:
                 st = path.stat()
             except OSError:
                 continue
-            stamp.append((str(path), st.st_mtime_ns, st.st_size))
+            # The inode too: a file replaced by a rename may keep its size and time stamp.
+            stamp.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(stamp)
 
     def _read(self) -> tuple[list[Device], list[str]]:
@@ -95,6 +97,9 @@ class Inventory:
                     facts = yaml.safe_load(path.read_text()) or {}
                 except (OSError, yaml.YAMLError) as exc:
                     problems.append(f"{path}: cannot read: {exc}")
+                if not isinstance(facts, dict):
+                    problems.append(f"{path}: expected a mapping of CDI names to facts")
+                    facts = {}
                 continue
             try:
                 text = path.read_text()
@@ -102,16 +107,29 @@ class Inventory:
                 devices += parse_spec(spec)
             except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError) as exc:
                 problems.append(f"{path}: cannot read: {exc}")
-        devices = [with_facts(d, facts.get(d.cdi)) for d in devices]
+        devices = [self._with_facts(d, facts.get(d.cdi), problems) for d in devices]
         if self.use_nvidia_smi:
             devices = enrich(devices, nvidia_smi())
         return dedupe(devices), problems
 
+    @staticmethod
+    def _with_facts(device: Device, facts: object, problems: list[str]) -> Device:
+        try:
+            return with_facts(device, facts)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{facts_file()}: {device.cdi}: {exc}")
+            return device
+
 
 def parse_spec(spec: dict) -> list[Device]:
+    if not isinstance(spec, dict) or not spec.get("kind"):
+        raise ValueError("not a CDI spec: no `kind`")
     kind = spec["kind"]
     found = []
+    nodes: dict[str, tuple] = {}  # name -> the device nodes it gives a container
     for entry in spec.get("devices") or []:
+        if not isinstance(entry, dict) or entry.get("name") in (None, ""):
+            raise ValueError("a device without a `name`")
         name = str(entry["name"])
         notes = entry.get("annotations") or {}
         memory = notes.get("aisemble.io/memory")
@@ -119,6 +137,12 @@ def parse_spec(spec: dict) -> list[Device]:
         if uuid is None and name.startswith(("GPU-", "MIG-")):
             uuid = name
         parent = name.split(":", 1)[0] if ":" in name else None
+        edits = entry.get("containerEdits") or {}
+        nodes[name] = tuple(
+            sorted(
+                (n["path"], n.get("hostPath") or n["path"]) for n in edits.get("deviceNodes") or []
+            )
+        )
         found.append(
             Device(
                 kind=kind,
@@ -129,7 +153,15 @@ def parse_spec(spec: dict) -> list[Device]:
                 parent=parent,
             )
         )
-    return found
+    # A GPU named by index and again by UUID gives the same nodes: the index name
+    # learns the UUID, so that dedupe() keeps one entry even without nvidia-smi.
+    uuids = {nodes[d.name]: d.uuid for d in found if d.name == d.uuid and nodes[d.name]}
+    return [
+        replace(d, uuid=uuids.get(nodes[d.name]))
+        if d.uuid is None and not d.whole_host and nodes[d.name] in uuids
+        else d
+        for d in found
+    ]
 
 
 def with_facts(device: Device, facts: dict | None) -> Device:
