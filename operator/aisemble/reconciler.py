@@ -120,6 +120,7 @@ class Reconciler:
         self.progress = progress
         self._rendered: dict[StackKey, tuple[tuple, DesiredStack]] = {}  # by revision, GPUs
         self.inventory = inventory or Inventory()
+        self._ledger_seen: set[gpu.Grant] | None = None  # the GPU ledger as last read here
 
     def reconcile(
         self, key: StackKey, observed: Observed | None = None, stored: StoredStack | None = None
@@ -297,9 +298,12 @@ class Reconciler:
         requests = gpu.requests_of(key, resource.spec.services)
         asking = {r.holder for r in requests}
         ledger = self.store.gpu_grants()
+        # Another process (an apply scaling down, a delete) may have freed devices since.
+        shrank = self._ledger_seen is not None and bool(self._ledger_seen - set(ledger))
+        self._ledger_seen = set(ledger)
         release = [g.holder for g in ledger if g.holder.key == key and g.holder not in asking]
         if not requests and not release:
-            return GpuAssignment()
+            return GpuAssignment(freed=shrank)
         with self.store.gpu_lock() as locked:
             if not locked:
                 raise PodmanUnavailable("another process has held the GPU ledger for 30s")
@@ -310,6 +314,7 @@ class Reconciler:
             before, grants = set(ledger), allocation.grants
             if set(grants) != before:
                 self.store.set_gpu_grants(grants)
+            self._ledger_seen = set(grants)
         blocked = {h.service for h in allocation.unschedulable}
         held = {}
         for holder, why in sorted(allocation.unschedulable.items()):
@@ -320,7 +325,7 @@ class Reconciler:
             if r.holder.service not in blocked
         }
         lost = {h.service: [d for d in gone] for h, gone in allocation.lost.items()}
-        freed = any(g not in grants for g in before)
+        freed = shrank or any(g not in grants for g in before)
         return GpuAssignment(devices, held, lost, freed)
 
     # -- executing -------------------------------------------------------------------------

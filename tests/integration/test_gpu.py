@@ -325,6 +325,25 @@ class TestContention:
         assert loop.process.poll() is None, loop.log
 
 
+    def test_devices_an_apply_frees_in_another_process_reach_the_waiting_stack(
+        self, env: Env, stack_name: str, fake_gpus, run_loop
+    ) -> None:
+        """The holder stays and is changed (no GPUs any more) by `aisemble apply`, a process
+        of its own: the loop learns of the freed device from the ledger, not a teardown."""
+        gpus = fake_gpus(1)
+        first, second = f"{stack_name}a", f"{stack_name}b"
+        assert apply(env, stack(first, [gpu_service("train", gpus)])).code == 0
+        assert apply(env, stack(second, [gpu_service("infer", gpus)]), wait=True).code == 1
+        assert service_status(env, second, "infer").reason == "Unschedulable"
+        loop = run_loop(StackKey("default", first), StackKey("default", second))
+
+        assert apply(env, stack(first, [service("train")])).code == 0  # needs no GPU now
+        running = eventually(lambda: mains(env, second).get(("infer", 0)), timeout=20)
+        assert seen(env, running)[0] == ["fakegpu0"]
+        assert gpus_table(env, gpus) == {gpus.name(0): f"default/{second} infer[0]"}
+        assert loop.process.poll() is None, loop.log
+
+
 class TestDevicesGone:
     def test_a_device_gone_from_the_specs_is_reported_on_its_holder(
         self, env: Env, stack_name: str, fake_gpus
