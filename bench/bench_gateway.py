@@ -75,8 +75,16 @@ def main() -> None:
         (Path(tmp) / "bench_backend.py").write_text(BACKEND)
         env = {**os.environ, "PYTHONPATH": tmp, "LOG_LEVEL": "warning"}
         backend = start(
-            ["-m", "uvicorn", "bench_backend:app", "--port", str(backend_port), "--no-access-log",
-             "--log-level", "warning"],
+            [
+                "-m",
+                "uvicorn",
+                "bench_backend:app",
+                "--port",
+                str(backend_port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
             env,
             backend_port,
         )
@@ -115,8 +123,10 @@ def main() -> None:
     }
     print(f"{len(direct)} requests each, p50 / p95:")
     print(f"  backend directly  {d['p50'] * 1000:.2f} / {d['p95'] * 1000:.2f} ms  (baseline)")
-    print(f"  via the gateway   {v['p50'] * 1000:.2f} / {v['p95'] * 1000:.2f} ms  "
-          f"ratio {result['ratio_p50']:.2f}")
+    print(
+        f"  via the gateway   {v['p50'] * 1000:.2f} / {v['p95'] * 1000:.2f} ms  "
+        f"ratio {result['ratio_p50']:.2f}"
+    )
     print(f"  added by gateway  {added['p50']:.2f} / {added['p95']:.2f} ms  (target p50 <= 2 ms)")
     print(f"saved {save('gateway', result)}")
 

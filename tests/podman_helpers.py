@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +26,47 @@ from aisemble.sources.store import Store
 TINY = "localhost/aisemble/tiny:latest"
 # A service that runs until stopped and stops at once on SIGTERM.
 IDLE = ["sh", "-c", "trap 'exit 0' TERM; sleep 2147483647 & wait"]
+
+
+class Loop:
+    """A running `aisemble run ARGS` process (environment as the test set it), whose log
+    lines are collected as they come."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "aisemble", "run", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def logged(self, text: str, after: int = 0) -> bool:
+        return any(text in line for line in self.lines[after:])
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, grace: float = 20) -> int | None:
+        """SIGTERM; its exit code, or None if it did not stop within `grace` (then killed)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return None
+        return self.process.returncode
 
 
 @dataclass
@@ -79,7 +125,10 @@ class Env:
         label = f"aisemble.io/owner={self.owner}"
         for pod in self.client.pods.list(filters={"label": label}):
             labels = pod.attrs.get("Labels") or {}
-            if labels.get("aisemble.io/role") == "status" and labels.get("aisemble.io/stack") == stack:
+            if (
+                labels.get("aisemble.io/role") == "status"
+                and labels.get("aisemble.io/stack") == stack
+            ):
                 return labels
         return None
 

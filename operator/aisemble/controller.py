@@ -1,15 +1,20 @@
 """The long-running loop behind `aisemble run`: sources in, reconcile passes out.
 
-Three things make the loop look at a stack: podman's event stream says
+Four things make the loop look at a stack: podman's event stream says
 something happened to it (a container died, was removed, a network went), a
 pass asked to be looked at again (a crash back-off ends, a health check is
-due), or the periodic full resync. A full resync takes one snapshot of the
+due), a source changed it (a file edited, a commit pushed), or the periodic
+full resync. A full resync takes one snapshot of the
 host (a constant number of podman calls, however many stacks) and reconciles
 every stack of this loop's sources against it; a single stack is observed on
 its own. Stacks another process (an `aisemble apply`) is reconciling right now
 are skipped and looked at again soon. Stacks podman still has but the store
 does not know are orphans and are removed. If podman stops answering, the
 stacks say so in their status and the loop retries with exponential backoff.
+
+File sources (directories, git repositories: see sources.syncing.Source) are
+synced on a thread of their own, whenever one is due or a sync was requested
+(a webhook), so a slow `git fetch` never delays a repair.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from aisemble.model import Phase, StackKey
@@ -26,12 +31,12 @@ from aisemble.planning.status import unreachable
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.podman.events import EventFollower, StackEvent
 from aisemble.reconciler import PassReport, Reconciler
-from aisemble.sources.directory import DirectorySource
 from aisemble.sources.store import CLI_SOURCE
+from aisemble.sources.syncing import Source, SyncOutcome
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 0.5  # seconds between looks at watched directories
+WATCH_INTERVAL = 0.5  # seconds between asking the sources whether a sync is due
 MAX_BACKOFF = 30.0
 # Events come in bursts (one action makes several); a stack is looked at once per burst.
 DEBOUNCE = 0.05
@@ -54,16 +59,27 @@ class Controller:
     def __init__(
         self,
         reconciler: Reconciler,
-        directories: list[DirectorySource] | None = None,
+        sources: Sequence[Source] = (),
         include_cli: bool = True,
         resync: float = 30.0,
         stop: threading.Event | None = None,
+        feeds: Iterable[str] = (),
+        on_status: Callable[[PassReport], None] | None = None,
     ) -> None:
+        """`feeds`: ids of sources that put stacks into the store by themselves (kube).
+        `on_status(report)`: called after each pass of the loop that changed a stack's status.
+        """
         self.reconciler = reconciler
         self.store = reconciler.store
         self.driver = reconciler.driver
-        self.directories = directories or []
-        self.sources = {d.id for d in self.directories} | ({CLI_SOURCE} if include_cli else set())
+        self.synced_sources = list(sources)  # synced by this loop (directories, git)
+        # Every source whose stacks this loop reconciles.
+        self.sources = (
+            {s.id for s in self.synced_sources}
+            | ({CLI_SOURCE} if include_cli else set())
+            | set(feeds)
+        )
+        self.on_status = on_status
         self.resync = resync
         self.stop = stop or threading.Event()
         self._last_full_sweep: float | None = None
@@ -73,6 +89,9 @@ class Controller:
         self._wake = threading.Event()
         self._last_died: dict[str, int | None] = {}  # container -> exit code of its last death
         self._resync_requested = False
+        self._sync_requested: set[str] = set()  # source ids to sync at once (webhook)
+        self._sync_lock = threading.Lock()
+        self._sources_wake = threading.Event()
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -114,6 +133,19 @@ class Controller:
         """Stop soon, even from an idle wait (safe to call from a signal handler)."""
         self.stop.set()
         self._wake.set()
+        self._sources_wake.set()
+
+    def request_sync(self, ids: Iterable[str] | None = None) -> list[str]:
+        """Sync these sources (all of this loop's) as soon as possible; from any thread.
+
+        Returns the ids queued. Requests made while a sync runs give one more sync.
+        """
+        wanted = None if ids is None else set(ids)
+        queued = sorted(s.id for s in self.synced_sources if wanted is None or s.id in wanted)
+        with self._sync_lock:
+            self._sync_requested.update(queued)
+        self._sources_wake.set()
+        return queued
 
     def request_resync(self) -> None:
         """Resync everything soon (the event stream was down: events may be lost)."""
@@ -125,19 +157,35 @@ class Controller:
         stored = self.store.get(key)
         return stored is None or stored.source in self.sources
 
-    def sync_sources(self, force: bool = False) -> bool:
-        """Sync directories whose files changed, and schedule the stacks that changed."""
-        changed = False
-        for directory in self.directories:
-            if force or directory.changed():
-                outcome = directory.sync()
-                for change in outcome.changes:
-                    if change.verb != "unchanged":
-                        self.schedule(change.key)
-                        changed = True
-                for skipped in outcome.skipped:
-                    log.info("%s", skipped)
-        return changed
+    def sync_sources(self, force: bool = False) -> list[SyncOutcome]:
+        """Sync the sources that are due (or were asked for, or all with `force`), and
+        schedule the stacks they changed."""
+        with self._sync_lock:
+            requested, self._sync_requested = self._sync_requested, set()
+        outcomes = []
+        for source in self.synced_sources:
+            if self.stop.is_set():
+                break
+            if not (force or source.id in requested or source.due()):
+                continue
+            try:
+                outcome = source.sync(force=force)
+            except Exception:  # a bug in one source must not stop the others
+                log.exception("%s: sync failed", source.id)
+                continue
+            outcomes.append(outcome)
+            for key in outcome.changed:
+                self.schedule(key)
+            for skipped in outcome.skipped:
+                log.info("%s", skipped)
+        return outcomes
+
+    def _sync_sources_forever(self) -> None:
+        """The sources' thread: sync whatever is due, wake early for a request."""
+        while not self.stop.is_set():
+            self.sync_sources()
+            if self._sources_wake.wait(WATCH_INTERVAL):
+                self._sources_wake.clear()
 
     def round(self, full: bool | None = None) -> RoundReport:
         """One pass over every stack of this loop's sources, plus orphans.
@@ -203,6 +251,8 @@ class Controller:
                 status.ready,
                 f" ({ready.message})" if ready and not healthy else "",
             )
+        if report.status_changed and self.on_status is not None:
+            self.on_status(report)
         if report.requeue_after is not None:
             self.schedule(key, report.requeue_after)
         if report.outcomes:
@@ -220,6 +270,9 @@ class Controller:
     def run_forever(self, follower: EventFollower | None = None) -> None:
         """Until stopped: full resyncs every `resync` seconds, single stacks in between."""
         self.sync_sources(force=True)
+        syncing = threading.Thread(target=self._sync_sources_forever, name="sources", daemon=True)
+        if self.synced_sources:
+            syncing.start()
         if follower is not None:
             follower.start()
         backoff = 1.0
@@ -242,6 +295,8 @@ class Controller:
             due = self._next_due()
             until = next_resync if due is None else min(due, next_resync)
             self._idle(max(0.0, until - time.monotonic()))
+        if syncing.is_alive():
+            syncing.join(timeout=10)  # let a sync in progress record its outcome
 
     def _report_unreachable(self, message: str) -> None:
         """Say in every stack's status that podman cannot be asked (and since when)."""
@@ -292,18 +347,9 @@ class Controller:
         return last
 
     def _idle(self, seconds: float) -> None:
-        """Wait up to `seconds`, waking early for an event, a stop or a changed directory."""
-        deadline = time.monotonic() + seconds
-        while not self.stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            step = min(WATCH_INTERVAL, remaining) if self.directories else remaining
-            if self._wake.wait(step):
-                self._wake.clear()
-                return
-            if self.directories and self.sync_sources():
-                return
+        """Wait up to `seconds`, waking early for an event, a stop or a source's change."""
+        if not self.stop.is_set() and self._wake.wait(seconds):
+            self._wake.clear()
 
 
 SETTLED = {Phase.READY, Phase.DEGRADED, Phase.FAILED, Phase.SUSPENDED}

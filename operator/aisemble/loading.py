@@ -21,7 +21,15 @@ from typing import Any
 import pydantic
 import yaml
 
-from aisemble.model import API_VERSION, GROUP, KIND, AISemble, SpecError, StackKey
+from aisemble.model import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    SUSPEND_ANNOTATION,
+    AISemble,
+    SpecError,
+    StackKey,
+)
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -129,6 +137,29 @@ def load_text(text: str, source: str = "<input>") -> Manifests:
     return _load_all([(source, text)], [])
 
 
+def load_texts(texts: Iterable[tuple[str, str]], problems: Iterable[Problem] = ()) -> Manifests:
+    """Load (source name, text) pairs as one input, e.g. the files of a git commit.
+
+    `problems` found while reading them (an unreadable file) join those of the texts.
+    """
+    return _load_all(list(texts), list(problems))
+
+
+def load_object(data: dict[str, Any], source: str) -> AISemble:
+    """Validate a resource that arrives parsed (from the Kubernetes API): problems name the
+    field path; there are no lines to give. Fields the API server adds are dropped first."""
+    body = {k: data[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in data}
+    name = str((body.get("metadata") or {}).get("name", "?"))
+    try:
+        resource = AISemble.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise ManifestError(_explain(exc, None, source, None, f"{KIND} {name}")) from None
+    wrong = _annotation_problems(resource, None, source, None)
+    if wrong:
+        raise ManifestError(wrong)
+    return resource
+
+
 def yaml_files(directory: Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     return sorted(
@@ -221,7 +252,31 @@ def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]
         except pydantic.ValidationError as exc:
             problems.extend(_explain(exc, node, source, index, f"{KIND} {name}"))
             continue
+        wrong = _annotation_problems(resource, node, source, index)
+        if wrong:
+            problems.extend(wrong)
+            continue
         result.documents.append(Document(source, index, line, resource))
+
+
+def _annotation_problems(
+    resource: AISemble, node: Any, source: str, index: int | None
+) -> list[Problem]:
+    """The annotations AI-semble reads must say something it understands."""
+    suspend = resource.metadata.annotations.get(SUSPEND_ANNOTATION)
+    if suspend is None or suspend.strip().lower() in ("true", "false"):
+        return []
+    loc = ("metadata", "annotations", SUSPEND_ANNOTATION)
+    return [
+        Problem(
+            source,
+            f'must be "true" or "false", not {suspend!r}',
+            document=index,
+            resource=f"{KIND} {resource.metadata.name}",
+            path=format_path(loc),
+            line=_line_of(node, loc),
+        )
+    ]
 
 
 def _documents(source: str, text: str) -> Iterator[tuple[int, Any, Any, Problem | None]]:
@@ -290,7 +345,7 @@ def _duplicate_keys(node: Any, source: str, index: int, path: str = "") -> list[
 
 
 def _explain(
-    exc: pydantic.ValidationError, node: Any, source: str, index: int, resource: str
+    exc: pydantic.ValidationError, node: Any, source: str, index: int | None, resource: str
 ) -> list[Problem]:
     problems = []
     for error in exc.errors():
@@ -328,6 +383,8 @@ def _message(error: dict[str, Any], loc: tuple) -> str:
         return text
     if kind == "missing":
         return "required field is missing"
+    if kind == "string_type" and loc[:2] == ("metadata", "annotations"):
+        return 'annotation values are strings: quote it (e.g. "true")'
     message = error["msg"]
     return message.removeprefix("Value error, ")
 
@@ -375,7 +432,9 @@ def format_path(loc: tuple) -> str:
 
 
 def _position(node: Any, loc: tuple) -> tuple[int | None, int | None]:
-    """Line and column of the deepest node `loc` reaches (1-based)."""
+    """Line and column of the deepest node `loc` reaches (1-based); None without YAML."""
+    if node is None:
+        return None, None
     mark = node.start_mark
     for part in loc:
         if isinstance(node, yaml.MappingNode):

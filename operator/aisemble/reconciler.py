@@ -73,6 +73,8 @@ class PassReport:
     status: AISembleStatus | None = None
     forgotten: bool = False  # the stack was deleted and is now gone entirely
     phase_changed: bool = False
+    status_changed: bool = False  # the status stored differs from the one before the pass
+    previous_status: AISembleStatus | None = None
     requeue_after: float | None = None  # seconds until a new pass is due (back-off, health)
     freed_gpus: bool = False  # devices went back to the ledger: others may get them now
 
@@ -177,6 +179,7 @@ class Reconciler:
         if report.status.phase == Phase.READY:
             self.store.record_ready(key, stored.resource, now=now)
         changed = self.store.write_status(key, report.status)
+        report.status_changed, report.previous_status = changed, stored.status
         if changed:
             report.phase_changed = self._record_status_change(key, stored.status, report.status)
         labels = self._status_labels(key, report.status)
@@ -214,7 +217,11 @@ class Reconciler:
         if stored.pinned is not None:
             pinned = self.store.ready_revision(stored.key, stored.pinned)
             if pinned is not None:
-                return pinned
+                # A rollback pins the spec, not the metadata: a suspend annotation set
+                # since then still applies.
+                annotations = stored.resource.metadata.annotations
+                metadata = pinned.metadata.model_copy(update={"annotations": annotations})
+                return pinned.model_copy(update={"metadata": metadata})
         return stored.resource
 
     def _record_restarts(self, key: StackKey, report: PassReport, observed: Observed) -> None:

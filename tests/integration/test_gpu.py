@@ -324,7 +324,6 @@ class TestContention:
         }
         assert loop.process.poll() is None, loop.log
 
-
     def test_devices_an_apply_frees_in_another_process_reach_the_waiting_stack(
         self, env: Env, stack_name: str, fake_gpus, run_loop
     ) -> None:

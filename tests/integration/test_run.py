@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
 import yaml
-from podman_helpers import Env, eventually, service, stack
+from podman_helpers import Env, Loop, eventually, service, stack
 
 from aisemble.model import StackKey
-
-
-class Loop:
-    """A running `aisemble run` process whose log lines are collected as they come."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "aisemble", "run", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=os.environ.copy(),
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def logged(self, text: str, after: int = 0) -> bool:
-        return any(text in line for line in self.lines[after:])
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            pytest.fail("aisemble run did not stop within 20s of SIGTERM")
 
 
 @pytest.fixture

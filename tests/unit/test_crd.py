@@ -74,11 +74,22 @@ def test_schema_is_structural_and_every_field_is_described() -> None:
     assert undescribed(top["status"], ".status") == []
 
 
-def test_printer_columns_show_phase_ready_and_age() -> None:
+def test_printer_columns_show_phase_ready_gpus_endpoint_and_age() -> None:
     doc = yaml.safe_load(COMMITTED.read_text())
-    columns = {c["name"]: c for c in doc["spec"]["versions"][0]["additionalPrinterColumns"]}
+    printed = doc["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in printed] == ["Phase", "Ready", "GPUs", "Endpoint", "Age"]
+    assert not [c for c in printed if c.get("priority")]  # all shown without -o wide
+    columns = {c["name"]: c for c in printed}
     assert columns["Phase"]["jsonPath"] == ".status.phase"
     assert columns["Ready"]["jsonPath"] == ".status.ready"
+    assert columns["GPUs"] == {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"}
+    assert columns["Endpoint"]["jsonPath"] == ".status.endpoints[0].url"
+    # Every column's path names a field the status schema has.
+    status = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    for column in printed:
+        field = column["jsonPath"].split(".")[2].split("[")[0]
+        if column["jsonPath"].startswith(".status."):
+            assert field in status["properties"], column
     assert columns["Age"] == {
         "name": "Age",
         "type": "date",

@@ -431,3 +431,12 @@ class TestEndpoints:
 
     def test_no_exposes_no_endpoints(self) -> None:
         assert status_of(resource(self.spec())).endpoints == []
+
+
+def test_the_gpus_column_counts_every_device_the_replicas_hold() -> None:
+    res = resource()
+    desired = render(res, OWNER)
+    held = {"llm": ["nvidia.com/gpu=0", "nvidia.com/gpu=1"], "web": ["amd.com/gpu=0"]}
+    status = fold(res, desired, converged(desired), PassResult(gpus=held), T0)
+    assert status.gpus == 3
+    assert fold(res, desired, converged(desired), PassResult(), T0).gpus == 0

@@ -32,7 +32,9 @@ def add_parser(sub: Any) -> None:
         "names",
         nargs="*",
         metavar="NAME",
-        help=f"images to build with their bases (default: all; {', '.join(s.name for s in images.SPECS)})",
+        help="images to build with their bases (default: the AI stack's, "
+        f"{', '.join(s.name for s in images.SPECS if not s.by_name_only)}; also: "
+        f"{', '.join(s.name for s in images.SPECS if s.by_name_only)})",
     )
     b.add_argument(
         "--offline",

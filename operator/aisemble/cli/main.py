@@ -8,7 +8,9 @@ import sys
 from typing import Any
 
 from aisemble import __version__
+from aisemble.cli import gitops as gitops_cli
 from aisemble.cli import images as images_cli
+from aisemble.cli import kube as kube_cli
 from aisemble.cli.printing import error, parse_duration
 from aisemble.telemetry import logs
 
@@ -153,12 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         action="append",
         metavar="SRC",
-        help="`store` (what apply stored; the default) or a directory of YAML files; repeatable",
+        help="`store` (what apply stored; the default), a directory of YAML files, "
+        "git:URL[#REF][:PATH] (a git repository), or `kube` (AISemble resources of a "
+        "Kubernetes cluster); repeatable",
     )
     p.add_argument(
         "--resync", type=_duration, default=30.0, help="full resync period (default 30s)"
     )
     p.add_argument("--once", action="store_true", help="one pass over everything, then exit")
+    kube_cli.add_options(p)
+    gitops_cli.add_run_options(p)
+
+    p = sub.add_parser(
+        "sync", help="sync git and directory sources now and converge; `sync status` shows them"
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["status"],
+        help="status: what each source applied, when, its last error, each stack's result",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="SRC",
+        help="a source as given to `run --source` (repeatable; default: every git and "
+        "directory source this store has synced)",
+    )
+    waiting(p, "5m")
+    p.add_argument(
+        "-o", "--output", choices=["table", "yaml", "json"], default="table", help="of sync status"
+    )
 
     sub.add_parser("gpus", help="the host's GPUs (CDI devices) and who holds each")
 
@@ -177,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
 
-    from aisemble.cli import apply, doctor, gpus, run, show, wait
+    from aisemble.cli import apply, doctor, gpus, run, show, sync, wait
     from aisemble.cli.session import Session
     from aisemble.podman.errors import PodmanUnavailable
 
@@ -191,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "wait": wait.cmd_wait,
         "gpus": gpus.cmd_gpus,
         "run": run.cmd_run,
+        "sync": sync.cmd_sync,
         "doctor": doctor.cmd_doctor,
         "images": images_cli.cmd_images,
     }

@@ -1,46 +1,68 @@
-"""`run`: the long-running loop over the store and/or watched directories."""
+"""`run`: the long-running loop over the store, watched directories, git repositories
+and/or Kubernetes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
 
+from aisemble.cli import gitops, kube
 from aisemble.cli.printing import error
 from aisemble.cli.session import Session
 from aisemble.podman.events import EventFollower
-from aisemble.sources.directory import DirectorySource
+from aisemble.sources.specs import SourceSpecError, open_source
+from aisemble.sources.store import KUBE_SOURCE
 
 log = logging.getLogger("aisemble.run")
 
 
 def cmd_run(args: argparse.Namespace, session: Session) -> int:
     sources = args.source or ["store"]
-    directories = []
-    for source in sources:
-        if source == "store":
-            continue
-        directory = DirectorySource(source, session.store)
-        if not directory.path.is_dir():
-            error(f"--source {source}: not a directory (sources are `store` or a directory)")
+    synced = []  # directories and git repositories
+    use_kube = "kube" in sources
+    if use_kube:
+        try:
+            kube.placement_of(args)
+        except ValueError as exc:
+            error(str(exc))
             return 2
-        directories.append(directory)
+    for source in sources:
+        if source in ("store", "kube"):
+            continue
+        try:
+            synced.append(
+                open_source(source, session.store, prune=args.prune, interval=args.git_interval)
+            )
+        except SourceSpecError as exc:
+            error(f"--source {source}: {exc}")
+            return 2
+    try:
+        webhook = gitops.webhook_of(args, synced)
+    except gitops.WebhookError as exc:
+        error(str(exc))
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with session.controller(
-        directories=directories, include_cli="store" in sources, resync=args.resync, stop=stop
+        sources=synced,
+        include_cli="store" in sources,
+        resync=args.resync,
+        stop=stop,
+        feeds=[KUBE_SOURCE] if use_kube else [],
     ) as controller:
         for sig in (signal.SIGINT, signal.SIGTERM):  # now also wake an idle loop
             signal.signal(sig, lambda *_: controller.request_stop())
         names = ", ".join(sorted(controller.sources))
         log.info("reconciling stacks from %s; full resync every %.0fs", names, args.resync)
         if args.once:
-            controller.sync_sources(force=True)
+            synced_now = controller.sync_sources(force=True)
             report = controller.round()
             failed = [o for r in report.reports for o in r.failed]
-            return 1 if failed or any(d.last_error for d in directories) else 0
+            return 1 if failed or any(o.error or o.conflicts for o in synced_now) else 0
         follower = None
         if controller.driver.url is not None:
             follower = EventFollower(
@@ -50,6 +72,20 @@ def cmd_run(args: argparse.Namespace, session: Session) -> int:
                 on_gap=controller.request_resync,
                 stop=stop,
             )
-        controller.run_forever(follower)
+        try:
+            with (
+                kube.running(args, controller) if use_kube else contextlib.nullcontext(),
+                gitops.serving(webhook, controller),
+            ):
+                controller.run_forever(follower)
+        except gitops.WebhookError as exc:
+            error(str(exc))
+            return 2
+        except RuntimeError as exc:
+            error(
+                f"{exc}; check the kubeconfig ($KUBECONFIG) and that the CRD is installed "
+                "(kubectl apply -f crds/)"
+            )
+            return 1
     log.info("stopped")
     return 0

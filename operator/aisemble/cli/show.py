@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from aisemble.cli.printing import age, dump, error, note, table
 from aisemble.cli.session import Session
-from aisemble.model import GROUP, KIND, PLURAL, StackKey
+from aisemble.model import GROUP, KIND, PLURAL, SUSPEND_ANNOTATION, StackKey
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.sources.store import StoredStack
 
@@ -90,8 +90,9 @@ def cmd_describe(args: argparse.Namespace, session: Session) -> int:
     print(
         f"Phase:        {_phase(stack)}" + (f" ({status.ready} services ready)" if status else "")
     )
-    if stack.resource.spec.suspend:
-        print("Suspended:    true (nothing is changed or repaired)")
+    if stack.resource.suspended:
+        why = "spec.suspend" if stack.resource.spec.suspend else f"annotation {SUSPEND_ANNOTATION}"
+        print(f"Suspended:    true ({why}: nothing is changed or repaired)")
     if status and status.endpoints:
         print("Endpoints:")
         table(

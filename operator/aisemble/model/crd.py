@@ -117,11 +117,11 @@ def crd() -> dict[str, Any]:
                     "additionalPrinterColumns": [
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
                         {
                             "name": "Endpoint",
                             "type": "string",
                             "jsonPath": ".status.endpoints[0].url",
-                            "priority": 1,
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

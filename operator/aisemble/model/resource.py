@@ -16,6 +16,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "AISemble"
 PLURAL = "aisembles"
 SINGULAR = "aisemble"
+# `"true"` on a resource's metadata suspends it as `spec.suspend: true` does, without
+# touching the spec: a GitOps user flips it in the repository, a cluster user with
+# `kubectl annotate`, and the spec (and its generation) stays as written.
+SUSPEND_ANNOTATION = f"{GROUP}/suspend"
 
 
 class StackKey(tuple[str, str]):
@@ -52,6 +56,16 @@ class AISemble(BaseModel):
     @property
     def key(self) -> StackKey:
         return StackKey(self.metadata.namespace, self.metadata.name)
+
+    @property
+    def suspended(self) -> bool:
+        """Reconciling is suspended: `spec.suspend`, or the annotation SUSPEND_ANNOTATION."""
+        return self.spec.suspend or self.suspended_by_annotation
+
+    @property
+    def suspended_by_annotation(self) -> bool:
+        value = self.metadata.annotations.get(SUSPEND_ANNOTATION, "")
+        return value.strip().lower() == "true"
 
     def to_document(self) -> dict:
         """The resource as a plain dict, as `kubectl get -o yaml` would print it.

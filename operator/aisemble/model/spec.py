@@ -18,6 +18,8 @@ from aisemble.model.quantity import parse_cpu, parse_memory
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
+NODE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a DNS subdomain, as Kubernetes node names
+
 DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 # CDI device kinds and names (vendor.com/class=name), as podman takes them in --device.
@@ -294,6 +296,17 @@ class AISembleSpec(StrictModel):
         description="`auto`: when a change misses its progress deadline, run the last revision "
         "that was ready again (the spec stays as given; status says what runs).",
     )
+    nodeName: Annotated[str, Field(min_length=1, max_length=253, pattern=NODE_NAME)] | None = Field(
+        None,
+        description="With several Podman hosts sharing one Kubernetes cluster: the host "
+        "(`aisemble run --source kube --node-name NAME`) that runs the stack. Local sources "
+        "ignore it.",
+    )
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Instead of nodeName: run the stack on the host whose `--node-labels` "
+        "include all of these. Local sources ignore it.",
+    )
 
     @model_validator(mode="after")
     def _references_resolve(self) -> AISembleSpec:
@@ -326,6 +339,8 @@ class AISembleSpec(StrictModel):
                         f"services[{i}].volumeMounts[{j}].volume",
                         f"unknown volume {mount.volume!r}; spec.volumes has: {known}",
                     )
+        if self.nodeName is not None and self.nodeSelector:
+            raise SpecError("nodeSelector", "give either nodeName or nodeSelector, not both")
         cycle = find_cycle({s.name: s.dependsOn for s in self.services})
         if cycle:
             i = names.index(cycle[0])

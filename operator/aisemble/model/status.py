@@ -30,7 +30,10 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """One aspect of the stack's state, Kubernetes style."""
 
-    type: str = Field(description="Kind of condition: Ready, Progressing, Degraded, Suspended.")
+    type: str = Field(
+        description="Kind of condition: Ready, Progressing, Degraded, Suspended; in Kubernetes "
+        "mode also Accepted (False when the resource as it stands is invalid or conflicts)."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="One CamelCase word saying why, for machines.")
     message: str = Field("", description="Why, for people, with what to do next where known.")
@@ -82,6 +85,7 @@ class AISembleStatus(StatusModel):
         Phase.PENDING, description="Summary: " + ", ".join(p.value for p in Phase) + "."
     )
     ready: str = Field("0/0", description="Services ready out of services desired, e.g. `4/5`.")
+    gpus: int = Field(0, description="GPUs the stack's replicas hold, in all.")
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Conditions, one per type.",

@@ -186,7 +186,7 @@ def render(
         depends_on={s.name: tuple(s.dependsOn) for s in spec.services},
         images={s.name: s.image for s in spec.services},
         replicas={s.name: s.replicas for s in spec.services},
-        suspend=spec.suspend,
+        suspend=resource.suspended,
         labels=base_labels,
     )
 

@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aisemble.model import AISemble, AISembleStatus, Condition, Endpoint, Phase, ServiceStatus
+from aisemble.model import (
+    SUSPEND_ANNOTATION,
+    AISemble,
+    AISembleStatus,
+    Condition,
+    Endpoint,
+    Phase,
+    ServiceStatus,
+)
 from aisemble.planning.actions import Backoff
 from aisemble.planning.desired import DesiredStack
 from aisemble.planning.gpu import UNSCHEDULABLE
@@ -74,7 +82,7 @@ def fold(
     waiting = [s for s in services if s.reason in (WAITING_FOR_DEPENDENCY, WAITING_FOR_PORT)]
     unschedulable = [s for s in services if s.reason == UNSCHEDULABLE]
 
-    if resource.spec.suspend:
+    if resource.suspended:
         phase = Phase.SUSPENDED
     elif len(ready) == len(services) and result.pinned is not None:
         phase = Phase.DEGRADED  # runs, but not the spec it was given
@@ -106,7 +114,17 @@ def fold(
             f"{resource.spec.progressDeadlineSeconds}s; running generation {result.pinned} "
             "again (rollback: auto) until the spec changes"
         )
-    conditions = _conditions(phase, services, ready, failed, generation, now, old, rolled_back)
+    conditions = _conditions(
+        phase,
+        services,
+        ready,
+        failed,
+        generation,
+        now,
+        old,
+        rolled_back,
+        by_annotation=not resource.spec.suspend and resource.suspended_by_annotation,
+    )
     ready_names = {s.name for s in ready}
     endpoints = [
         Endpoint(
@@ -121,6 +139,7 @@ def fold(
         currentRevision=result.pinned or generation,
         phase=phase,
         ready=f"{len(ready)}/{len(services)}",
+        gpus=sum(len(devices) for devices in result.gpus.values()),
         conditions=conditions,
         services=services,
         endpoints=endpoints,
@@ -166,7 +185,7 @@ def _service_status(
     elif len(pods) > len(current):
         reason = "Updating"
         message = f"{len(pods) - len(current)} replica(s) of an older spec to remove"
-    if resource.spec.suspend and reason in ("Starting", "Updating"):
+    if resource.suspended and reason in ("Starting", "Updating"):
         reason, message = "Suspended", "reconciling is suspended; " + message
     if name in result.lost_gpus:
         gone = ", ".join(result.lost_gpus[name])
@@ -246,6 +265,7 @@ def _conditions(
     now: datetime,
     old: dict[str, Condition],
     rolled_back: str | None = None,
+    by_annotation: bool = False,
 ) -> list[Condition]:
     unready = [s for s in services if s not in ready]
     summary = "; ".join(f"{s.name}: {s.message or s.reason}" for s in unready)
@@ -296,10 +316,16 @@ def _conditions(
         cond(
             "Suspended",
             phase == Phase.SUSPENDED,
-            "SpecSuspended" if phase == Phase.SUSPENDED else "Active",
-            "spec.suspend is true: nothing is changed or repaired"
-            if phase == Phase.SUSPENDED
-            else "",
+            "Active"
+            if phase != Phase.SUSPENDED
+            else ("AnnotationSuspended" if by_annotation else "SpecSuspended"),
+            ""
+            if phase != Phase.SUSPENDED
+            else (
+                f'annotation {SUSPEND_ANNOTATION} is "true": nothing is changed or repaired'
+                if by_annotation
+                else "spec.suspend is true: nothing is changed or repaired"
+            ),
         ),
     ]
     return conditions

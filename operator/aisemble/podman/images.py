@@ -89,6 +89,7 @@ class ImageSpec:
     parent: str | None  # another image of this list, or None: the OS
     extra: str | None = None  # the aisemble extra a service image installs, with aisemble
     internal: bool = False  # built only as another image's parent, never asked for by name
+    by_name_only: bool = False  # not one of the AI stack's: built only when named
 
     @property
     def reference(self) -> str:
@@ -103,6 +104,8 @@ SPECS: tuple[ImageSpec, ...] = (
     ImageSpec("vision", "vision", "torch", extra="vision"),
     ImageSpec("nlp", "nlp", "torch", extra="nlp"),
     ImageSpec("data-processor", "data-processor", "base", extra="data"),
+    # The operator itself, for Kubernetes mode (manifests/operator/).
+    ImageSpec("operator", "operator", "base", extra="kube", by_name_only=True),
 )
 # Without a registry there is no apt inside the build either: the data processor then
 # starts from the base Containerfile built over a Debian that debootstrap gave Java.
@@ -778,7 +781,7 @@ def _choose_os(
 def _plan_specs(names: Sequence[str]) -> list[ImageSpec]:
     """The asked-for images and their parents, parents first."""
     public = [s.name for s in SPECS]
-    asked = list(names) or public
+    asked = list(names) or [s.name for s in SPECS if not s.by_name_only]
     unknown = [n for n in asked if n not in public]
     if unknown:
         raise ImageBuildError(

@@ -1,20 +1,26 @@
 """The embedded store: desired state, status and events in SQLite, crash-safe.
 
 Every source writes here: `aisemble apply` as source `cli`, a watched
-directory as `dir:<path>`. One stack belongs to one source; a second source
-declaring it is refused, never silently overwritten. All writes of one apply
-happen in one transaction, so a crash leaves either the old state or the new
-one. A deleted stack stays as a tombstone (`deleting`) until its pods are
+directory as `dir:<path>`, a git repository as `git:<url>#<ref>[:<path>]`.
+One stack belongs to one source; a second source declaring it is refused,
+never silently overwritten (`apply` refuses the whole input; a directory or
+git sync skips that stack alone and reports the conflict). All writes of one
+apply happen in one transaction, so a crash leaves either the old state or
+the new one; a sync records what it applied (a git commit) in the same
+transaction. A deleted stack stays as a tombstone (`deleting`) until its pods are
 gone, so a crash during teardown is finished by the next pass.
 
-Processes coordinate through per-stack file locks beside the database, so
-`apply` and a running `aisemble run` never reconcile the same stack at once.
+Processes coordinate through file locks beside the database: per stack, so
+`apply` and a running `aisemble run` never reconcile the same stack at once,
+and per source, so `aisemble sync` and the loop never sync one source at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -30,12 +36,28 @@ from aisemble.model import AISemble, AISembleStatus, StackKey
 from aisemble.model.spec import host_ports_clash
 from aisemble.planning.gpu import Grant, Holder
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESTARTS_KEPT_PER_STACK = 500
 CLI_SOURCE = "cli"
+KUBE_SOURCE = "kube"
 EVENTS_KEPT_PER_STACK = 200
 
-_SCHEMA = """
+# One row per file source (directory, git repository): what it last applied and how
+# its last look went, for `aisemble sync status`.
+_SOURCE_SYNCS = """
+CREATE TABLE IF NOT EXISTS source_syncs (
+    source TEXT PRIMARY KEY,
+    prune INTEGER NOT NULL DEFAULT 1,
+    revision TEXT,
+    applied_at TEXT,
+    checked_at TEXT,
+    error TEXT,
+    error_revision TEXT,
+    results TEXT NOT NULL DEFAULT '[]'
+)"""
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stacks (
     namespace TEXT NOT NULL,
@@ -91,10 +113,14 @@ CREATE TABLE IF NOT EXISTS revisions (
     PRIMARY KEY (namespace, name, generation)
 );
 """
+    + _SOURCE_SYNCS
+    + ";\n"
+)
 
 # Changes to tables that already exist, by the schema version that brought them.
 _MIGRATIONS = {
     2: ["ALTER TABLE stacks ADD COLUMN pinned INTEGER"],
+    3: [_SOURCE_SYNCS],  # a new table (also in _SCHEMA; IF NOT EXISTS makes both safe)
 }
 
 
@@ -137,10 +163,32 @@ class StoredStack:
 @dataclass(frozen=True)
 class Change:
     key: StackKey
-    verb: str  # created, configured, unchanged, deleted
+    verb: str  # created, configured, unchanged, deleted; conflict (a sync left it alone)
+    message: str = ""  # why, for a conflict
 
     def __str__(self) -> str:
-        return f"aisemble {self.key} {self.verb}"
+        return f"aisemble {self.key} {self.verb}" + (f": {self.message}" if self.message else "")
+
+
+CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class SourceSync:
+    """What the store knows of one file source's syncs: `aisemble sync status`."""
+
+    source: str
+    prune: bool
+    revision: str | None  # applied last (a git commit); None if never, or no revisions (dirs)
+    applied_at: datetime | None  # when a sync last applied (or confirmed) the stacks
+    checked_at: datetime | None  # the last look, whatever came of it
+    error: str | None  # why the last look applied nothing; None when it applied
+    error_revision: str | None  # the revision that error is about, if it is about one
+    results: tuple[Change, ...]  # per stack, of the last sync that applied
+
+    @property
+    def conflicts(self) -> list[Change]:
+        return [c for c in self.results if c.verb == CONFLICT]
 
 
 @dataclass(frozen=True)
@@ -209,14 +257,17 @@ class Store:
         source: str = CLI_SOURCE,
         now: datetime | None = None,
         dry_run: bool = False,
+        keep_generation: bool = False,
     ) -> list[Change]:
         """Store every document, all or nothing. Raises StoreError on a conflict.
 
         With `dry_run` every check runs and the changes are reported, then rolled back.
+        With `keep_generation` the documents' own `metadata.generation` is kept (Kubernetes
+        counts generations itself, and status must name its count).
         """
         try:
             with self._transaction() as db:
-                changes = self._apply(db, documents, source, now or _now())
+                changes = self._apply(db, documents, source, now or _now(), keep_generation)
                 if dry_run:
                     raise _Rollback(changes)
                 return changes
@@ -229,52 +280,150 @@ class Store:
         documents: list[Document],
         prune: bool = True,
         now: datetime | None = None,
+        revision: str | None = None,
     ) -> list[Change]:
-        """Make `source`'s stacks exactly `documents`: apply them, delete the ones it dropped."""
+        """Make `source`'s stacks exactly `documents`: apply them, delete the ones it dropped.
+
+        A stack another source manages, or whose host port a stack of another source
+        holds, is left alone and reported as a `conflict` change: the rest applies. What
+        is wrong within `documents` themselves (two of them claiming one host port)
+        raises StoreError and changes nothing. The sync is recorded for `source_sync()`
+        (with `revision`, e.g. the git commit) in the same transaction.
+        """
         now = now or _now()
         with self._transaction() as db:
-            changes = self._apply(db, documents, source, now)
+            keep = {d.key for d in documents}
+            dropped: set[StackKey] = set()
             if prune:
-                keep = {d.key for d in documents}
-                for key in self._keys(db, source=source, deleting=False):
-                    if key not in keep:
-                        self._mark_deleting(db, key, purge=False, now=now)
-                        changes.append(Change(key, "deleted"))
+                dropped = {
+                    k for k in self._keys(db, source=source, deleting=False) if k not in keep
+                }
+            changes = self._apply(db, documents, source, now, syncing=True, dropping=dropped)
+            for key in sorted(dropped):
+                self._mark_deleting(db, key, purge=False, now=now)
+                changes.append(Change(key, "deleted"))
+            db.execute(
+                """INSERT INTO source_syncs
+                     (source, prune, revision, applied_at, checked_at, error, error_revision,
+                      results)
+                   VALUES (?, ?, ?, ?, ?, NULL, NULL, ?)
+                   ON CONFLICT (source) DO UPDATE SET
+                     prune=excluded.prune, revision=excluded.revision,
+                     applied_at=excluded.applied_at, checked_at=excluded.checked_at,
+                     error=NULL, error_revision=NULL, results=excluded.results""",
+                (source, int(prune), revision, now.isoformat(), now.isoformat(), _results(changes)),
+            )
             return changes
 
+    def record_sync_check(
+        self,
+        source: str,
+        prune: bool,
+        error: str | None = None,
+        error_revision: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """A look at `source` that applied nothing: it failed (`error`), or found nothing new.
+
+        What was applied before, and when, stays recorded.
+        """
+        now = now or _now()
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO source_syncs (source, prune, checked_at, error, error_revision)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (source) DO UPDATE SET
+                     prune=excluded.prune, checked_at=excluded.checked_at,
+                     error=excluded.error, error_revision=excluded.error_revision""",
+                (source, int(prune), now.isoformat(), error, error_revision),
+            )
+
+    def source_syncs(self) -> list[SourceSync]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM source_syncs ORDER BY source").fetchall()
+        return [_source_sync(r) for r in rows]
+
+    def source_sync(self, source: str) -> SourceSync | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM source_syncs WHERE source=?", (source,)
+            ).fetchone()
+        return _source_sync(row) if row else None
+
     def _apply(
-        self, db: sqlite3.Connection, documents: list[Document], source: str, now: datetime
+        self,
+        db: sqlite3.Connection,
+        documents: list[Document],
+        source: str,
+        now: datetime,
+        keep_generation: bool = False,
+        syncing: bool = False,
+        dropping: set[StackKey] | frozenset[StackKey] = frozenset(),
     ) -> list[Change]:
+        """Upsert `documents`, all or nothing (StoreError); with `syncing`, the stacks that
+        clash with other sources are left alone instead, as `conflict` changes.
+
+        `dropping`: stacks of `source` this sync deletes; their host ports are free.
+        """
         incoming = {d.key: d for d in documents}
         problems: list[str] = []
+        conflicts: dict[StackKey, str] = {}
         rows = {self._key(r): r for r in db.execute("SELECT * FROM stacks").fetchall()}
         for key, doc in incoming.items():
             row = rows.get(key)
             if row is not None and row["source"] != source and not row["deleting"]:
-                problems.append(
-                    f"{doc.source}: {key} is managed by {row['source']}; change it there, "
-                    "or delete it there first"
-                )
+                if syncing:
+                    conflicts[key] = (
+                        f"managed by {row['source']}; delete it there, or remove it from "
+                        f"{doc.source}"
+                    )
+                else:
+                    problems.append(
+                        f"{doc.source}: {key} is managed by {row['source']}; change it there, "
+                        "or delete it there first"
+                    )
         # Host ports must be unique across every stack that will exist after this apply.
-        claims: list[tuple[StackKey, tuple[str, int, str], str]] = []
+        # Stored stacks this input leaves as they are claim theirs first.
+        stored: list[tuple[StackKey, tuple[str, int, str], str]] = []
         for key, row in rows.items():
-            if key not in incoming and not row["deleting"]:
+            replaced = key in incoming and key not in conflicts
+            if not replaced and not row["deleting"] and key not in dropping:
                 spec = AISemble.model_validate_json(row["resource"]).spec
-                claims.extend((key, hp, f"stored stack {key}") for hp in spec.host_ports())
+                stored.extend((key, hp, f"stored stack {key}") for hp in spec.host_ports())
+        claims: list[tuple[StackKey, tuple[str, int, str], str]] = []  # by this input
         for key, doc in incoming.items():
+            if key in conflicts:
+                continue
+            clashes: list[str] = []
             for i, hp in enumerate(doc.resource.spec.host_ports()):
-                for other_key, other, where in claims:
+                for other_key, other, where in stored:
                     if other_key != key and host_ports_clash(hp, other):
-                        problems.append(
-                            f"{doc.source}: document {doc.index} ({key}): spec.expose[{i}].hostPort: "
-                            f"host port {hp[1]}/{hp[2]} on {hp[0]} is already claimed by {where}"
+                        clashes.append(
+                            f"spec.expose[{i}].hostPort: host port {hp[1]}/{hp[2]} on {hp[0]} "
+                            f"is already claimed by {where}"
+                        )
+            if clashes and syncing:  # with another source's stack: this stack's conflict
+                conflicts[key] = "; ".join(clashes)
+                continue
+            for i, hp in enumerate(doc.resource.spec.host_ports()):
+                for other_key, other, where in claims:  # within the input: the input's fault
+                    if other_key != key and host_ports_clash(hp, other):
+                        clashes.append(
+                            f"spec.expose[{i}].hostPort: host port {hp[1]}/{hp[2]} on {hp[0]} "
+                            f"is already claimed by {where}"
                         )
                 claims.append((key, hp, f"{doc.source} document {doc.index}"))
+            problems.extend(f"{doc.source}: document {doc.index} ({key}): {c}" for c in clashes)
         if problems:
             raise StoreError("\n".join(problems))
         changes = []
         for key, doc in incoming.items():
-            changes.append(self._upsert(db, doc.resource, rows.get(key), source, now))
+            if key in conflicts:
+                changes.append(Change(key, CONFLICT, conflicts[key]))
+                continue
+            changes.append(
+                self._upsert(db, doc.resource, rows.get(key), source, now, keep_generation)
+            )
         return changes
 
     def _upsert(
@@ -284,6 +433,7 @@ class Store:
         row: sqlite3.Row | None,
         source: str,
         now: datetime,
+        keep_generation: bool = False,
     ) -> Change:
         key = resource.key
         if row is None:
@@ -303,6 +453,10 @@ class Store:
             verb = "unchanged" if unchanged else "configured"
             if row["deleting"]:
                 verb = "created"
+        if keep_generation and resource.metadata.generation is not None:
+            generation = resource.metadata.generation
+        if verb == "unchanged" and row is not None and generation == row["generation"]:
+            return Change(key, verb)  # nothing to write: its revision stays, caches hold
         metadata = {
             "name": key.name,
             "namespace": key.namespace,
@@ -588,13 +742,31 @@ class Store:
 
     # -- coordination between processes ----------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self, key: StackKey, timeout: float | None = None) -> Iterator[bool]:
+    def lock(
+        self, key: StackKey, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[bool]:
         """Hold the stack's reconcile lock. Yields False if not acquired within `timeout`.
 
         `timeout=None` waits for as long as it takes; `0` only tries once.
         """
-        path = self.state_dir / "locks" / f"{key.namespace}_{key.name}.lock"
+        return self._flock(self.state_dir / "locks" / f"{key.namespace}_{key.name}.lock", timeout)
+
+    def source_lock(
+        self, source: str, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[bool]:
+        """Hold a source's sync lock (as `lock`): one process syncs a source at a time."""
+        return self.named_lock(f"source {source}", timeout)
+
+    def named_lock(
+        self, name: str, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[bool]:
+        """A lock (as `lock`) on anything else processes share, e.g. a git cache."""
+        # Hashed, for names hold '/' and ':'; no stack lock is named so (theirs hold '_').
+        digest = hashlib.sha256(name.encode()).hexdigest()[:24]
+        return self._flock(self.state_dir / "locks" / f"n-{digest}.lock", timeout)
+
+    @contextlib.contextmanager
+    def _flock(self, path: Path, timeout: float | None) -> Iterator[bool]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -665,6 +837,29 @@ def _stored(row: sqlite3.Row) -> StoredStack:
         revision=row["revision"],
         pinned=row["pinned"],
         status=AISembleStatus.model_validate_json(row["status"]) if row["status"] else None,
+    )
+
+
+def _results(changes: list[Change]) -> str:
+    return json.dumps([[c.key.namespace, c.key.name, c.verb, c.message] for c in changes])
+
+
+def _source_sync(row: sqlite3.Row) -> SourceSync:
+    def when(text: str | None) -> datetime | None:
+        return datetime.fromisoformat(text) if text else None
+
+    return SourceSync(
+        source=row["source"],
+        prune=bool(row["prune"]),
+        revision=row["revision"],
+        applied_at=when(row["applied_at"]),
+        checked_at=when(row["checked_at"]),
+        error=row["error"],
+        error_revision=row["error_revision"],
+        results=tuple(
+            Change(StackKey(ns, name), verb, message)
+            for ns, name, verb, message in json.loads(row["results"] or "[]")
+        ),
     )
 
 

@@ -1,0 +1,119 @@
+"""The operator itself as a podman pod: manifests/operator/aisemble-operator.yaml, played.
+
+The operator image is built the way users build it, the reference pod manifest
+is played with `podman kube play` with only its host paths pointed at this
+test's own (the podman socket, the kubeconfig, the state) and the host's network
+so it reaches the emulated cluster on 127.0.0.1. Then an AISemble created in the
+cluster must come up as pods on this host, with its status written back.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kube_cluster import Cluster
+from podman_helpers import IDLE, TINY, Env, eventually
+
+from aisemble.podman.images import build_images
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "manifests" / "operator" / "aisemble-operator.yaml"
+
+
+def podman(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def operator_image() -> None:
+    build_images(["operator"])
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    emulated = Cluster().start()
+    try:
+        yield emulated
+    finally:
+        emulated.stop()
+
+
+def as_played_here(manifest: dict[str, Any], name: str, paths: dict[str, str]) -> dict[str, Any]:
+    """The reference manifest with its host paths swapped for this test's, on host network."""
+    pod = copy.deepcopy(manifest)
+    pod["metadata"]["name"] = name
+    pod["spec"]["hostNetwork"] = True
+    for volume in pod["spec"]["volumes"]:
+        if volume["name"] in paths:
+            volume.pop("persistentVolumeClaim", None)
+            kind = "Socket" if volume["name"] == "podman-socket" else None
+            volume["hostPath"] = {"path": paths[volume["name"]], **({"type": kind} if kind else {})}
+    return pod
+
+
+def test_the_operator_pod_runs_stacks_from_the_cluster(
+    operator_image: None,
+    env: Env,
+    cluster: Cluster,
+    podman_url: str,
+    stack_name: str,
+    tmp_path: Path,
+) -> None:
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    [container] = manifest["spec"]["containers"]
+    assert container["image"] == "localhost/aisemble/operator:latest"
+    name = f"{stack_name}-operator"
+    env.state_dir.mkdir(parents=True, exist_ok=True)
+    played = as_played_here(
+        manifest,
+        name,
+        {
+            "podman-socket": podman_url.removeprefix("unix://"),
+            "kubeconfig": str(cluster.kubeconfig(tmp_path / "kubeconfig")),
+            "state": str(env.state_dir),
+        },
+    )
+    path = tmp_path / "operator.yaml"
+    path.write_text(yaml.safe_dump(played))
+    result = podman("kube", "play", str(path))
+    assert result.returncode == 0, result.stderr
+
+    def logs() -> str:
+        shown = podman("logs", f"{name}-operator")
+        return shown.stdout + shown.stderr
+
+    try:
+        eventually(lambda: "reconciling stacks from kube" in logs(), timeout=60)
+        cluster.create(
+            {
+                "apiVersion": "aisemble.io/v1alpha1",
+                "kind": "AISemble",
+                "metadata": {"name": stack_name, "namespace": "default"},
+                "spec": {
+                    "nodeName": "podman-host-1",  # the manifest's --node-name
+                    "services": [{"name": "api", "image": TINY, "command": IDLE}],
+                },
+            }
+        )
+        obj = eventually(
+            lambda: (
+                (o := cluster.get(stack_name))
+                and (o.get("status") or {}).get("phase") == "Ready"
+                and o
+            ),
+            timeout=60,
+        )
+        assert obj["status"]["ready"] == "1/1"
+        assert len(env.pods(stack_name)) == 1  # made by the operator in the pod, on this host
+
+        cluster.delete(stack_name)
+        eventually(lambda: cluster.get(stack_name) is None, timeout=60)
+        assert env.pods(stack_name) == []
+    finally:
+        podman("kube", "play", "--down", str(path))

@@ -1,0 +1,202 @@
+"""A Kubernetes API for tests: KMock's emulator over real HTTP, in a thread of its own.
+
+KMock (kopf's own test server) keeps objects in memory and serves discovery,
+list, watch, get, create, patch and delete, with finalizers, for the resources
+registered here: AISembles (with their status subresource), Events, and what
+kopf looks for in any cluster. `Emulator` adds resource versions, generations
+and uids, as an API server sets them; it does not validate against the CRD's
+schema (the operator validates every resource itself anyway).
+
+The operator under test is the real `aisemble run --source kube` process,
+pointed at the emulator by a kubeconfig; the tests talk to it with the real
+kubernetes client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import kmock
+import kubernetes
+import yaml
+
+GROUP, VERSION, PLURAL = "aisemble.io", "v1alpha1", "aisembles"
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """KMock's emulator, plus what clients rely on from a real API server: a resource version
+    on every write (kopf's JSON patches test it), a generation counting changes of the spec
+    (not of the status subresource), a uid, a creation time, and names made from
+    `generateName` (Events are created so)."""
+
+    _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and isinstance(request.data, dict | list):
+            if request.action == kmock.action.CREATE:
+                meta = request.data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta["resourceVersion"] = str(next(self._versions))
+                meta.setdefault("generation", 1)
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+            elif request.action == kmock.action.UPDATE and request.name:
+                self._stamp_update(request)
+        return await super()._handle(request)
+
+    def _stamp_update(self, request: kmock.Request) -> None:
+        key = (request.resource, request.namespace, request.name)
+        current = self.objects[key].raw if key in self.objects else {}
+        version = str(next(self._versions))
+        generation = (current.get("metadata") or {}).get("generation", 1)
+        if isinstance(request.data, list):  # a JSON patch: appended operations
+            touches_spec = any(op.get("path", "").startswith("/spec") for op in request.data)
+            request.data.append(
+                {"op": "add", "path": "/metadata/resourceVersion", "value": version}
+            )
+            if touches_spec and request.subresource is None:
+                request.data.append(
+                    {"op": "add", "path": "/metadata/generation", "value": generation + 1}
+                )
+        else:  # a merge patch
+            meta = request.data.setdefault("metadata", {})
+            meta["resourceVersion"] = version
+            spec = request.data.get("spec")
+            if spec is not None and spec != current.get("spec") and request.subresource is None:
+                meta["generation"] = generation + 1
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._stopping: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="kmock", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> Cluster:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("KMock did not start within 30s")
+        if self._error is not None:
+            raise RuntimeError(f"KMock failed: {self._error}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(15)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in start()
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        async with Emulator() as emulator, kmock.Server(emulator) as server:
+            emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
+                kind="AISemble",
+                singular="aisemble",
+                namespaced=True,
+                subresources={"status"},
+                verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            )
+            emulator.resources["v1/events"] = kmock.ResourceInfo(
+                kind="Event",
+                singular="event",
+                namespaced=True,
+                verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            )
+            emulator.resources["v1/namespaces"] = kmock.ResourceInfo(
+                kind="Namespace", singular="namespace", namespaced=False, verbs={"get", "list"}
+            )
+            # What every cluster serves and kopf looks for: it watches CRDs to notice new ones.
+            emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = (
+                kmock.ResourceInfo(
+                    kind="CustomResourceDefinition",
+                    singular="customresourcedefinition",
+                    namespaced=False,
+                    verbs={"get", "list", "watch"},
+                )
+            )
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stopping.wait()
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+                    "users": [{"name": "tester", "user": {"token": "kmock"}}],
+                    "contexts": [
+                        {"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}
+                    ],
+                    "current-context": "kmock",
+                }
+            )
+        )
+        return path
+
+    # -- the tests' side, through the kubernetes client ------------------------------------
+
+    def client(self) -> kubernetes.client.ApiClient:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = self.url
+        return kubernetes.client.ApiClient(configuration)
+
+    def objects(self) -> kubernetes.client.CustomObjectsApi:
+        return kubernetes.client.CustomObjectsApi(self.client())
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        namespace = body["metadata"].get("namespace", "default")
+        return self.objects().create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body
+        )
+
+    def patch(self, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
+        self.objects().patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+
+    def get(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        try:
+            return self.objects().get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete(self, name: str, namespace: str = "default") -> None:
+        self.objects().delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
+        found = kubernetes.client.CoreV1Api(self.client()).list_namespaced_event(
+            namespace, _preload_content=False
+        )
+        import json
+
+        items = json.loads(found.data).get("items") or []
+        return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
