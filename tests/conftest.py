@@ -14,12 +14,12 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import podman
 import pytest
-from podman_helpers import Env
+from podman_helpers import Env, Loop
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_IMAGE = "localhost/aisemble/tiny:latest"
@@ -109,3 +109,18 @@ def env(podman_env: Path, tmp_path: Path) -> Iterator[Env]:
     finally:
         environment.cleanup()
         client.close()
+
+
+@pytest.fixture
+def run_loop(env: Env) -> Iterator[Callable[..., Loop]]:
+    """`run_loop(ARGS...)`: start `aisemble run ARGS` as its own process; every loop started
+    is stopped with SIGTERM at the end and must exit cleanly."""
+    loops: list[Loop] = []
+
+    def start(*args: str) -> Loop:
+        loops.append(Loop(*args))
+        return loops[-1]
+
+    yield start
+    for loop in loops:
+        assert loop.stop() == 0, loop.log

@@ -34,8 +34,8 @@ GROUP, VERSION, PLURAL = "aisemble.io", "v1alpha1", "aisembles"
 class Emulator(kmock.KubernetesEmulator):
     """KMock's emulator, plus what clients rely on from a real API server: a resource version
     on every write (kopf's JSON patches test it), a generation counting changes of the spec
-    (not of the status subresource), a uid, a creation time, and names made from
-    `generateName` (Events are created so)."""
+    (not of the status subresource), a uid, a creation time, the namespace of the URL, and
+    names made from `generateName` (Events are created so)."""
 
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
 
@@ -45,6 +45,8 @@ class Emulator(kmock.KubernetesEmulator):
                 meta = request.data.setdefault("metadata", {})
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                if request.namespace:  # the URL's, as an API server fills it in
+                    meta.setdefault("namespace", request.namespace)
                 meta["resourceVersion"] = str(next(self._versions))
                 meta.setdefault("generation", 1)
                 meta.setdefault("uid", str(uuid.uuid4()))

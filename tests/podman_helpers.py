@@ -40,6 +40,7 @@ class Loop:
             text=True,
             env={**os.environ, **(env or {})},
         )
+        self.started = time.time()
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -67,6 +68,22 @@ class Loop:
                 self.process.wait()
                 return None
         return self.process.returncode
+
+
+def passed_over(env: Env, loop: Loop, *keys: StackKey, timeout: float = 60) -> Loop:
+    """Return `loop` once it has made a pass over each of `keys` (its event stream is then
+    followed from before that pass); fail with its log if it exits or does not."""
+
+    def passed(key: StackKey) -> bool:
+        assert loop.process.poll() is None, f"aisemble run exited:\n{loop.log}"
+        return (env.store.released_at(key) or 0) > loop.started
+
+    for key in keys:
+        try:
+            eventually(lambda k=key: passed(k), timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\naisemble run's log:\n{loop.log}") from None
+    return loop
 
 
 @dataclass

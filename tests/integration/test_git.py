@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from git_helpers import GitRepo, github_headers, post
-from podman_helpers import Env, Loop, eventually, free_port, service, stack
+from podman_helpers import Env, eventually, free_port, service, stack
 
 from aisemble.model import StackKey
 
@@ -25,20 +24,6 @@ BROKEN = (
 @pytest.fixture
 def repo(tmp_path: Path) -> GitRepo:
     return GitRepo(tmp_path / "repo")
-
-
-@pytest.fixture
-def run_loop(env: Env) -> Iterator:
-    """Start `aisemble run ARGS...`; every loop started is stopped (SIGTERM) at the end."""
-    loops: list[Loop] = []
-
-    def start(*args: str) -> Loop:
-        loops.append(Loop(*args))
-        return loops[-1]
-
-    yield start
-    for loop in loops:
-        assert loop.stop() == 0, loop.log
 
 
 def source_of(repo: GitRepo) -> str:

@@ -8,12 +8,6 @@ env variable of its own. The file is removed at the end, whatever happened.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from podman_helpers import Env, eventually, service, stack
+from podman_helpers import Env, eventually, passed_over, service, stack
 
 from aisemble.model import Phase, StackKey
 
@@ -85,72 +79,6 @@ def fake_gpus(
         for path in written:
             path.unlink(missing_ok=True)
             path.with_suffix(".partial").unlink(missing_ok=True)
-
-
-# -- the loop as a real process ----------------------------------------------------------------
-
-
-class Loop:
-    """A running `aisemble run` process whose log lines are collected as they come."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "aisemble", "run", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=os.environ.copy(),
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, grace: float = 2) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@pytest.fixture
-def run_loop(env: Env) -> Iterator[Callable[..., Loop]]:
-    """`run_loop(*keys)`: start `aisemble run` (long resync) and return once it has made a
-    pass over each of `keys`; every loop started is stopped at the end."""
-    loops: list[Loop] = []
-
-    def start(*keys: StackKey) -> Loop:
-        before = time.time()
-        loop = Loop("--resync", LONG_RESYNC)
-        loops.append(loop)
-
-        def passed(key: StackKey) -> bool:
-            assert loop.process.poll() is None, f"aisemble run exited:\n{loop.log}"
-            return (env.store.released_at(key) or 0) > before
-
-        for key in keys:
-            try:
-                eventually(lambda k=key: passed(k), timeout=60)
-            except AssertionError as exc:
-                pytest.fail(f"{exc}\naisemble run's log:\n{loop.log}")
-        return loop
-
-    try:
-        yield start
-    finally:
-        for loop in loops:
-            loop.stop()
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -306,7 +234,12 @@ class TestContention:
             gpus.name(1): f"default/{first} train[0]",
         }
 
-        loop = run_loop(StackKey("default", first), StackKey("default", second))
+        loop = passed_over(
+            env,
+            run_loop("--resync", LONG_RESYNC),
+            StackKey("default", first),
+            StackKey("default", second),
+        )
         deleted = env.cli("delete", first)
         assert deleted.code == 0, deleted.text
 
@@ -334,7 +267,12 @@ class TestContention:
         assert apply(env, stack(first, [gpu_service("train", gpus)])).code == 0
         assert apply(env, stack(second, [gpu_service("infer", gpus)]), wait=True).code == 1
         assert service_status(env, second, "infer").reason == "Unschedulable"
-        loop = run_loop(StackKey("default", first), StackKey("default", second))
+        loop = passed_over(
+            env,
+            run_loop("--resync", LONG_RESYNC),
+            StackKey("default", first),
+            StackKey("default", second),
+        )
 
         assert apply(env, stack(first, [service("train")])).code == 0  # needs no GPU now
         running = eventually(lambda: mains(env, second).get(("infer", 0)), timeout=20)
@@ -409,7 +347,7 @@ class TestRestart:
         }
 
         for _ in range(2):  # two operator processes, one after the other, each from scratch
-            loop = run_loop(key)
+            loop = passed_over(env, run_loop("--resync", LONG_RESYNC), key)
             loop.stop()
             assert snapshot() == before, loop.log  # the same containers on the same devices
             assert env.store.gpu_grants() == ledger

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from kube_cluster import Cluster
-from podman_helpers import IDLE, TINY, Env, Loop, eventually
+from podman_helpers import Env, Loop, eventually, service, stack
 
 from aisemble.model import StackKey
 
@@ -52,33 +52,17 @@ def operator(env: Env, cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..
         assert loop.stop() == 0, loop.log
 
 
-def aisemble(name: str, services: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "aisemble.io/v1alpha1",
-        "kind": "AISemble",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"services": services, **spec},
-    }
-
-
-def service(name: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "image": TINY,
-        "command": IDLE,
-        "terminationGracePeriodSeconds": 1,
-        **fields,
-    }
-
-
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     conditions = ((obj or {}).get("status") or {}).get("conditions") or []
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
-def ready(cluster: Cluster, name: str) -> dict[str, Any] | bool:
+def ready(cluster: Cluster, name: str, generation: int | None = None) -> dict[str, Any] | bool:
+    """The resource once its status says Ready (for `generation`, if given)."""
     obj = cluster.get(name)
-    return bool(obj and (obj.get("status") or {}).get("phase") == "Ready") and obj
+    status = (obj or {}).get("status") or {}
+    seen = generation is None or status.get("observedGeneration") == generation
+    return bool(status.get("phase") == "Ready" and seen) and obj
 
 
 def mains(env: Env, name: str) -> dict[str, str]:
@@ -96,7 +80,7 @@ class TestLifecycle:
     ) -> None:
         operator()
         cluster.create(
-            aisemble(
+            stack(
                 stack_name,
                 [service("api"), service("worker")],
                 volumes=[{"name": "data"}],
@@ -109,7 +93,7 @@ class TestLifecycle:
         assert status["observedGeneration"] == obj["metadata"]["generation"] == 1
         assert condition(obj, "Ready")["status"] == "True"
         assert {c["type"] for c in status["conditions"]} >= {"Ready", "Progressing", "Degraded"}
-        assert obj["metadata"]["finalizers"] == ["default.node.aisemble.io/finalizer"]
+        assert obj["metadata"].get("finalizers") == ["default.node.aisemble.io/finalizer"], obj
         before = mains(env, stack_name)
         assert set(before) == {"api", "worker"}
         assert "StackReady" in [e["reason"] for e in cluster.events(stack_name)]
@@ -117,15 +101,7 @@ class TestLifecycle:
         # Only the changed service is recreated.
         changed = service("api", env=[{"name": "MODE", "value": "two"}])
         cluster.patch(stack_name, {"spec": {"services": [changed, service("worker")]}})
-        obj = eventually(
-            lambda: (
-                (o := cluster.get(stack_name))
-                and o["status"]["observedGeneration"] == 2
-                and o["status"]["phase"] == "Ready"
-                and o
-            ),
-            timeout=PODS,
-        )
+        obj = eventually(lambda: ready(cluster, stack_name, generation=2), timeout=PODS)
         after = mains(env, stack_name)
         assert after["worker"] == before["worker"]
         assert after["api"] != before["api"]
@@ -141,7 +117,7 @@ class TestLifecycle:
         self, env: Env, cluster: Cluster, operator, stack_name: str
     ) -> None:
         operator()
-        cluster.create(aisemble(stack_name, [service("api")]))
+        cluster.create(stack(stack_name, [service("api")]))
         eventually(lambda: ready(cluster, stack_name), timeout=PODS)
         theirs = {
             "type": "Reviewed",
@@ -161,15 +137,7 @@ class TestLifecycle:
         )
         # A change of our own status (the service is scaled) must keep their condition.
         cluster.patch(stack_name, {"spec": {"services": [service("api", replicas=2)]}})
-        obj = eventually(
-            lambda: (
-                (o := cluster.get(stack_name))
-                and o["status"]["observedGeneration"] == 2
-                and o["status"]["phase"] == "Ready"
-                and o
-            ),
-            timeout=PODS,
-        )
+        obj = eventually(lambda: ready(cluster, stack_name, generation=2), timeout=PODS)
         assert condition(obj, "Reviewed") == theirs
         assert [c["type"] for c in obj["status"]["conditions"]].count("Ready") == 1
         cluster.delete(stack_name)
@@ -181,7 +149,7 @@ class TestInvalid:
         self, env: Env, cluster: Cluster, operator, stack_name: str
     ) -> None:
         loop = operator()
-        cluster.create(aisemble(stack_name, [service("api", dependsOn=["ghost"])]))
+        cluster.create(stack(stack_name, [service("api", dependsOn=["ghost"])]))
         accepted = eventually(
             lambda: (c := condition(cluster.get(stack_name), "Accepted")) and c, timeout=PODS
         )
@@ -210,11 +178,11 @@ class TestSources:
     def test_a_stack_applied_locally_is_a_reported_conflict_not_a_tug_of_war(
         self, env: Env, cluster: Cluster, operator, stack_name: str
     ) -> None:
-        local = {**aisemble(stack_name, [service("api")])}
+        local = stack(stack_name, [service("api")])
         assert env.cli("apply", "-f", env.write("local.yaml", local)).code == 0
         [pod] = env.pods(stack_name)
         operator()
-        cluster.create(aisemble(stack_name, [service("api", replicas=2)]))
+        cluster.create(stack(stack_name, [service("api", replicas=2)]))
         accepted = eventually(
             lambda: (c := condition(cluster.get(stack_name), "Accepted")) and c, timeout=PODS
         )
@@ -237,10 +205,10 @@ class TestNodes:
         by_label = f"{stack_name}-label"
         theirs = f"{stack_name}-there"
         unplaced = f"{stack_name}-any"
-        cluster.create(aisemble(theirs, [service("api")], nodeName="cpu-box"))
-        cluster.create(aisemble(unplaced, [service("api")]))
-        cluster.create(aisemble(mine, [service("api")], nodeName="gpu-box"))
-        cluster.create(aisemble(by_label, [service("api")], nodeSelector={"gpu": "yes"}))
+        cluster.create(stack(theirs, [service("api")], nodeName="cpu-box"))
+        cluster.create(stack(unplaced, [service("api")]))
+        cluster.create(stack(mine, [service("api")], nodeName="gpu-box"))
+        cluster.create(stack(by_label, [service("api")], nodeSelector={"gpu": "yes"}))
         eventually(lambda: ready(cluster, mine), timeout=PODS)
         eventually(lambda: ready(cluster, by_label), timeout=PODS)
         for name in (theirs, unplaced):

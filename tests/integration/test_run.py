@@ -5,27 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import yaml
-from podman_helpers import Env, Loop, eventually, service, stack
+from podman_helpers import Env, eventually, service, stack
 
 from aisemble.model import StackKey
-
-
-@pytest.fixture
-def run_loop(env: Env) -> Iterator:
-    """Start `aisemble run ARGS...`; every loop started is stopped (SIGTERM) at the end."""
-    loops: list[Loop] = []
-
-    def start(*args: str) -> Loop:
-        loops.append(Loop(*args))
-        return loops[-1]
-
-    yield start
-    for loop in loops:
-        assert loop.stop() == 0, "".join(loop.lines)
 
 
 def _services(env: Env, name: str) -> list[str]:

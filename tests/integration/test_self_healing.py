@@ -14,9 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_helpers import IDLE, TINY, CliResult, Env, eventually, service, stack
+from podman_helpers import IDLE, TINY, CliResult, Env, Loop, eventually, passed_over, service, stack
 
 from aisemble.model import StackKey
 from aisemble.podman.driver import RESTART_TRIES
@@ -42,78 +40,10 @@ SPEC_HASH = "aisemble.io/spec-hash"
 ROLE = "aisemble.io/role"
 
 
-# -- the loop as a real process (as in test_run.py) -------------------------------------------
-
-
-class Loop:
-    """A running `aisemble run` process whose log lines are collected as they come."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "aisemble", "run", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=os.environ.copy(),
-        )
-        self.lines: list[str] = []
-        self.killed = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def logged(self, text: str, after: int = 0) -> bool:
-        return any(text in line for line in self.lines[after:])
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, grace: float = 20) -> int | None:
-        """SIGTERM; None if it did not stop within `grace` seconds (then it is killed)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                self.killed = True
-        return None if self.killed else self.process.returncode
-
-
-@pytest.fixture
-def run_loop(env: Env) -> Iterator[Callable[..., Loop]]:
-    """Start `aisemble run ARGS...`; every loop started is stopped at the end.
-
-    An idle loop with a long resync does not stop on SIGTERM (see
-    test_sigterm_stops_an_idle_loop), so it is killed after a short grace period;
-    one that stopped must have stopped cleanly.
-    """
-    loops: list[Loop] = []
-
-    def start(*args: str) -> Loop:
-        loops.append(Loop(*args))
-        return loops[-1]
-
-    yield start
-    for loop in loops:
-        assert loop.stop(grace=1) in (0, None), loop.log
-
-
 def watching(env: Env, run_loop: Callable[..., Loop], name: str) -> Loop:
     """Start the loop with a long resync and return once its first pass over `name` is done
     (its event stream is followed from before that pass)."""
-    key = StackKey("default", name)
-    before = time.time()
-    loop = run_loop("--resync", LONG_RESYNC)
-    eventually(lambda: (env.store.released_at(key) or 0) > before, timeout=30)
-    assert loop.process.poll() is None, loop.log
-    return loop
+    return passed_over(env, run_loop("--resync", LONG_RESYNC), StackKey("default", name))
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -711,60 +641,59 @@ class TestLoopProcess:
         assert loop.stop(grace=5) == 0, "aisemble run did not stop within 5s of SIGTERM"
 
 
+@pytest.fixture
+def on_private_podman(
+    env: Env, stack_name: str, run_loop, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[PodmanService, Loop]]:
+    """A one-service stack on a podman service of the test's own, watched by the loop."""
+    private = PodmanService()
+    try:
+        private.start()
+        monkeypatch.setenv("CONTAINER_HOST", private.url)
+        assert apply(env, stack(stack_name, [service("a")])).code == 0
+        yield private, watching(env, run_loop, stack_name)
+    finally:
+        private.close()
+
+
 class TestFaults:
     def test_podman_going_away_and_coming_back(
-        self, env: Env, stack_name: str, run_loop, monkeypatch: pytest.MonkeyPatch
+        self, env: Env, stack_name: str, on_private_podman: tuple[PodmanService, Loop]
     ) -> None:
-        private = PodmanService()
-        try:
-            private.start()
-            monkeypatch.setenv("CONTAINER_HOST", private.url)
-            assert apply(env, stack(stack_name, [service("a")])).code == 0
-            loop = watching(env, run_loop, stack_name)
-            seen = len(loop.lines)
-            assert not loop.logged("unreachable"), loop.log
+        private, loop = on_private_podman
+        seen = len(loop.lines)
+        assert not loop.logged("unreachable"), loop.log
 
-            private.stop()
-            away = eventually(
-                lambda: (
-                    (c := condition(env, stack_name, "Ready"))
-                    and c.reason == "PodmanUnreachable"
-                    and c
-                ),
-                timeout=20,
-            )
-            assert away.status == "Unknown"
-            eventually(lambda: loop.logged("retrying", after=seen))
-            assert loop.process.poll() is None, loop.log  # still running
+        private.stop()
+        away = eventually(
+            lambda: (
+                (c := condition(env, stack_name, "Ready")) and c.reason == "PodmanUnreachable" and c
+            ),
+            timeout=20,
+        )
+        assert away.status == "Unknown"
+        eventually(lambda: loop.logged("retrying", after=seen))
+        assert loop.process.poll() is None, loop.log  # still running
 
-            private.start()
-            eventually(
-                lambda: (c := condition(env, stack_name, "Ready")) and c.status == "True",
-                timeout=40,
-            )
-            assert env.status(stack_name).phase.value == "Ready"
-            assert loop.process.poll() is None, loop.log
-        finally:
-            private.close()
+        private.start()
+        eventually(
+            lambda: (c := condition(env, stack_name, "Ready")) and c.status == "True",
+            timeout=40,
+        )
+        assert env.status(stack_name).phase.value == "Ready"
+        assert loop.process.poll() is None, loop.log
 
     def test_while_podman_is_away_the_loop_backs_off_and_claims_no_reconnection(
-        self, env: Env, stack_name: str, run_loop, monkeypatch: pytest.MonkeyPatch
+        self, on_private_podman: tuple[PodmanService, Loop]
     ) -> None:
-        private = PodmanService()
-        try:
-            private.start()
-            monkeypatch.setenv("CONTAINER_HOST", private.url)
-            assert apply(env, stack(stack_name, [service("a")])).code == 0
-            loop = watching(env, run_loop, stack_name)
-            seen = len(loop.lines)
-            private.stop()
-            eventually(lambda: loop.logged("podman is unreachable", after=seen), timeout=20)
-            away = time.monotonic()
-            eventually(lambda: time.monotonic() - away > 7, timeout=10)  # 7 s away
-            lines = loop.lines[seen:]
-            assert not [line for line in lines if "reconnected" in line], "".join(lines)
-            # Backing off (1, 2, 4 s ...): a handful of attempts in 7 s, not one a second.
-            attempts = [line for line in lines if "podman is unreachable" in line]
-            assert len(attempts) <= 4, "".join(lines)
-        finally:
-            private.close()
+        private, loop = on_private_podman
+        seen = len(loop.lines)
+        private.stop()
+        eventually(lambda: loop.logged("podman is unreachable", after=seen), timeout=20)
+        away = time.monotonic()
+        eventually(lambda: time.monotonic() - away > 7, timeout=10)  # 7 s away
+        lines = loop.lines[seen:]
+        assert not [line for line in lines if "reconnected" in line], "".join(lines)
+        # Backing off (1, 2, 4 s ...): a handful of attempts in 7 s, not one a second.
+        attempts = [line for line in lines if "podman is unreachable" in line]
+        assert len(attempts) <= 4, "".join(lines)
