@@ -79,6 +79,8 @@ def state(api: PodmanAPI, container: str) -> tuple[str, int, bool] | None:
         return None
     if code == 500 and "no such process" in str(body):
         return "", 0, False  # caught mid-transition (its process just died): not running
+    if code == 500 and "no such container" in str(body):
+        return None  # the name was looked up just before the container went: gone
     if code != 200:
         raise Recovery(f"inspect {container}: HTTP {code}: {body}")
     return body["Id"], int(body["State"].get("Pid") or 0), bool(body["State"].get("Running"))
