@@ -98,6 +98,12 @@ class Cluster:
             raise RuntimeError(f"KMock failed: {self._error}") from self._error
         return self
 
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)

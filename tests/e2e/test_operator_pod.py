@@ -37,11 +37,8 @@ def operator_image() -> None:
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    emulated = Cluster().start()
-    try:
+    with Cluster() as emulated:
         yield emulated
-    finally:
-        emulated.stop()
 
 
 def as_played_here(manifest: dict[str, Any], name: str, paths: dict[str, str]) -> dict[str, Any]:

@@ -23,11 +23,8 @@ PODS = 30.0  # seconds for a change to reach podman (kopf's watch, a pass, podma
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    emulated = Cluster().start()
-    try:
+    with Cluster() as emulated:
         yield emulated
-    finally:
-        emulated.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from aisemble.cli.printing import parse_duration
+from aisemble.cli.printing import bool_arg, duration_arg
 from aisemble.controller import Controller
 from aisemble.sources.git import DEFAULT_INTERVAL, GRAMMAR, GitSource
 from aisemble.sources.syncing import FileSource
@@ -25,23 +25,10 @@ from aisemble.sources.webhook import (
 log = logging.getLogger("aisemble.run")
 
 
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "yes", "1", "false", "no", "0"):
-        return text.lower() in ("true", "yes", "1")
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--git-interval",
-        type=_duration,
+        type=duration_arg,
         default=DEFAULT_INTERVAL,
         metavar="DURATION",
         help=f"how often git sources are fetched (default {DEFAULT_INTERVAL:.0f}s); "
@@ -49,7 +36,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prune",
-        type=_bool,
+        type=bool_arg,
         nargs="?",
         const=True,
         default=True,

@@ -11,23 +11,8 @@ from aisemble import __version__
 from aisemble.cli import gitops as gitops_cli
 from aisemble.cli import images as images_cli
 from aisemble.cli import kube as kube_cli
-from aisemble.cli.printing import error, parse_duration
+from aisemble.cli.printing import bool_arg, duration_arg, error, parse_duration
 from aisemble.telemetry import logs
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "yes", "1"):
-        return True
-    if text.lower() in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     def waiting(p: argparse.ArgumentParser, default_timeout: str) -> None:
         p.add_argument(
             "--wait",
-            type=_bool,
+            type=bool_arg,
             nargs="?",
             const=True,
             default=True,
@@ -91,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--timeout",
-            type=_duration,
+            type=duration_arg,
             default=parse_duration(default_timeout),
             help=f"how long to wait (default {default_timeout}; e.g. 90s, 5m)",
         )
@@ -143,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="condition=Ready",
         help="condition=TYPE[=True|False|Unknown], phase=PHASE or delete (default condition=Ready)",
     )
-    p.add_argument("--timeout", type=_duration, default=30.0, help="how long to wait (default 30s)")
+    p.add_argument(
+        "--timeout", type=duration_arg, default=30.0, help="how long to wait (default 30s)"
+    )
 
     p = sub.add_parser("events", help="what was created, removed and why")
     p.add_argument("name", nargs="?", metavar="NAME")
@@ -160,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Kubernetes cluster); repeatable",
     )
     p.add_argument(
-        "--resync", type=_duration, default=30.0, help="full resync period (default 30s)"
+        "--resync", type=duration_arg, default=30.0, help="full resync period (default 30s)"
     )
     p.add_argument("--once", action="store_true", help="one pass over everything, then exit")
     kube_cli.add_options(p)

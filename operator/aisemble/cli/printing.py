@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -75,3 +76,20 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"invalid duration {text!r}; use e.g. 90s, 5m, 1h")
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * scale[u] for n, u in parts)
+
+
+def duration_arg(text: str) -> float:
+    """argparse type for durations: `90`, `90s`, `5m`, `1m30s`."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def bool_arg(text: str) -> bool:
+    """argparse type for `--flag=BOOL`: true/false, yes/no, 1/0."""
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
