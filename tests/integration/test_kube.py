@@ -54,6 +54,11 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
+def accepted_condition(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    """The resource's Accepted condition, once the operator has written one."""
+    return condition(cluster.get(name), "Accepted")
+
+
 def ready(cluster: Cluster, name: str, generation: int | None = None) -> dict[str, Any] | bool:
     """The resource once its status says Ready (for `generation`, if given)."""
     obj = cluster.get(name)
@@ -147,9 +152,7 @@ class TestInvalid:
     ) -> None:
         loop = operator()
         cluster.create(stack(stack_name, [service("api", dependsOn=["ghost"])]))
-        accepted = eventually(
-            lambda: (c := condition(cluster.get(stack_name), "Accepted")) and c, timeout=PODS
-        )
+        accepted = eventually(lambda: accepted_condition(cluster, stack_name), timeout=PODS)
         assert (accepted["status"], accepted["reason"]) == ("False", "InvalidSpec")
         assert "spec.services[0].dependsOn[0]" in accepted["message"]
         assert "ghost" in accepted["message"]
@@ -180,9 +183,7 @@ class TestSources:
         [pod] = env.pods(stack_name)
         operator()
         cluster.create(stack(stack_name, [service("api", replicas=2)]))
-        accepted = eventually(
-            lambda: (c := condition(cluster.get(stack_name), "Accepted")) and c, timeout=PODS
-        )
+        accepted = eventually(lambda: accepted_condition(cluster, stack_name), timeout=PODS)
         assert (accepted["status"], accepted["reason"]) == ("False", "Conflict")
         assert "managed by cli" in accepted["message"]
         stored = env.store.get(StackKey("default", stack_name))
