@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -217,6 +218,24 @@ def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float 
             return last
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+def inspect(*args: str) -> dict[str, Any]:
+    """`podman [pod|network|...] inspect NAME` as one object, on every podman: podman 5
+    prints a JSON list for every kind, podman 4.3 a bare object for `pod inspect`."""
+    result = subprocess.run(
+        ["podman", *args[:-1], "inspect", args[-1]], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"podman {' '.join(args)} inspect: {result.stderr}"
+    return one_object(json.loads(result.stdout))
+
+
+def one_object(parsed: Any) -> dict[str, Any]:
+    """podman's JSON for one object, whether it came bare or as a one-element list."""
+    if isinstance(parsed, list):
+        [parsed] = parsed
+    assert isinstance(parsed, dict), parsed
+    return parsed
 
 
 def free_port() -> int:

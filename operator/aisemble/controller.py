@@ -277,22 +277,28 @@ class Controller:
             follower.start()
         backoff = 1.0
         next_resync = 0.0
+        away = False  # podman did not answer: nothing is tried again before next_resync
         while not self.stop.is_set():
             try:
-                if time.monotonic() >= next_resync or self._resync_requested:
+                # While podman is away, single stacks (scheduled looks, events, a dropped
+                # stream's resync request) wait for the back-off too: each of them would
+                # otherwise be one more attempt against a podman that is not there.
+                if time.monotonic() >= next_resync or (self._resync_requested and not away):
                     self._resync_requested = False
                     self.round()
                     next_resync = time.monotonic() + self.resync
-                for key in self._take_due():
-                    if self._mine(key):
-                        self.reconcile_one(key)
-                backoff = 1.0
+                    away, backoff = False, 1.0
+                if not away:
+                    for key in self._take_due():
+                        if self._mine(key):
+                            self.reconcile_one(key)
             except PodmanUnavailable as exc:
                 log.warning("podman is unreachable (%s); retrying in %.0fs", exc, backoff)
                 self._report_unreachable(str(exc))
+                away = True
                 next_resync = time.monotonic() + backoff
                 backoff = min(backoff * 2, MAX_BACKOFF)
-            due = self._next_due()
+            due = None if away else self._next_due()
             until = next_resync if due is None else min(due, next_resync)
             self._idle(max(0.0, until - time.monotonic()))
         if syncing.is_alive():

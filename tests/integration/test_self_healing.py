@@ -22,7 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_helpers import IDLE, TINY, CliResult, Env, Loop, eventually, passed_over, service, stack
+from podman_helpers import (
+    IDLE,
+    TINY,
+    CliResult,
+    Env,
+    Loop,
+    eventually,
+    inspect,
+    passed_over,
+    service,
+    stack,
+)
 
 from aisemble.model import StackKey
 from aisemble.podman.driver import RESTART_TRIES
@@ -122,15 +133,15 @@ def bystanders(env: Env, stack_name: str) -> Iterator[Callable[[], None]]:
         *IDLE,
     )
     ids = {
-        "pod": json.loads(podman("pod", "inspect", pod))["Id"],
-        "container": json.loads(podman("inspect", container))[0]["Id"],
+        "pod": inspect("pod", pod)["Id"],
+        "container": inspect(container)["Id"],
     }
 
     def untouched() -> None:
-        pod_attrs = json.loads(podman("pod", "inspect", pod))
+        pod_attrs = inspect("pod", pod)
         assert pod_attrs["Id"] == ids["pod"]
         assert pod_attrs["State"] == "Running"
-        [container_attrs] = json.loads(podman("inspect", container))
+        container_attrs = inspect(container)
         assert container_attrs["Id"] == ids["container"]
         assert container_attrs["State"]["Status"] == "created"
 
@@ -255,8 +266,7 @@ class TestDriftRepair:
             if env.networks(stack_name) != [network]:
                 return []
             subnets = [
-                ipaddress.ip_network(s["subnet"])
-                for s in json.loads(podman("network", "inspect", network))[0]["subnets"]
+                ipaddress.ip_network(s["subnet"]) for s in inspect("network", network)["subnets"]
             ]
             found = []
             for c in mains(env, stack_name):
