@@ -23,6 +23,7 @@ from podman_helpers import Env, Loop
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_IMAGE = "localhost/aisemble/tiny:latest"
+BASE_IMAGE = "localhost/aisemble/base:latest"
 REQUIRE_PODMAN = os.environ.get("AISEMBLE_REQUIRE_PODMAN") == "1"
 
 
@@ -83,6 +84,20 @@ def _ensure_tiny_image() -> None:
     )
     if result.returncode != 0:
         pytest.fail(f"could not build {TINY_IMAGE}: {result.stdout}{result.stderr}")
+
+
+@pytest.fixture(scope="session")
+def base_image(podman_url: str) -> str:
+    """An image with python3: the project's base image, built offline if it is missing."""
+    from aisemble.podman.images import ImageBuildError, build_images, image_info
+
+    if image_info(BASE_IMAGE) is None:
+        lines: list[str] = []
+        try:
+            build_images(["base"], offline=True, progress=lines.append)
+        except ImageBuildError as exc:
+            pytest.fail(f"{exc.message}\nhint: {exc.hint}\n{exc.output}\n" + "\n".join(lines))
+    return BASE_IMAGE
 
 
 @pytest.fixture
