@@ -52,7 +52,7 @@ from common import (  # noqa: E402
 from aisemble.loading import load_text  # noqa: E402
 from aisemble.planning import naming  # noqa: E402
 from aisemble.planning.desired import render  # noqa: E402
-from aisemble.podman.driver import container_payload, pod_payload  # noqa: E402
+from aisemble.podman.payloads import container_payload, pod_payload  # noqa: E402
 
 POLL = 0.01
 TIMEOUT = 60.0

@@ -34,14 +34,18 @@ IDLE = "trap 'exit 0' TERM; sleep 2147483647 & wait"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def stack_yaml(name: str, services: int = 5) -> str:
+def stack_yaml(name: str, services: int = 5, unconfined: bool = False) -> str:
+    """A stack of tiny services; `unconfined`: as before the security profiles (podman's
+    defaults: the `privileged` profile on a network with egress)."""
     lines = [
         "apiVersion: aisemble.io/v1alpha1",
         "kind: AISemble",
         f"metadata: {{name: {name}}}",
         "spec:",
-        "  services:",
     ]
+    if unconfined:
+        lines += ["  security: {profile: privileged}", "  network: {egress: true}"]
+    lines += ["  services:"]
     for i in range(services):
         lines += [
             f"    - name: s{i}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -242,3 +243,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@functools.cache
+def podman_host() -> dict[str, Any]:
+    """`podman info`'s host part, as the user running the tests gets it (once a session)."""
+    result = subprocess.run(
+        ["podman", "info", "--format", "json"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"podman info: {result.stderr}"
+    return json.loads(result.stdout)["host"]
+
+
+def unenforced_limits(*controllers: str) -> str | None:
+    """Why podman here ignores limits of these cgroup controllers ("cpu", "memory", "pids"),
+    or None where it enforces them. Rootless podman can use only the controllers delegated
+    to the user: none on cgroups v1 (podman: "Resource limits are not supported and ignored
+    on cgroups V1 rootless systems"), those systemd delegates on cgroups v2."""
+    host = podman_host()
+    missing = [c for c in controllers if c not in (host.get("cgroupControllers") or [])]
+    if not missing:
+        return None
+    rootless = (host.get("security") or {}).get("rootless")
+    return (
+        f"{'rootless ' if rootless else ''}podman on cgroups {host.get('cgroupVersion')} "
+        f"has no {'/'.join(missing)} controller: it ignores those limits (docs/rootless.md)"
+    )

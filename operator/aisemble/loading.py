@@ -1,11 +1,12 @@
 """Read AISemble resources from YAML with errors that point at the exact spot.
 
 Files hold one or more YAML documents, the format `kubectl apply -f` and
-`podman kube play` take. Documents of other kinds (Pod, Deployment, ...) are
-skipped and reported, so one file can serve both tools. Every problem in the
-input is collected and reported at once, naming the file, the document, the
-field path and the line, so a user fixes everything in one go; a caller
-applies nothing unless the whole input is valid.
+`podman kube play` take. `kind: Secret` (v1) documents are validated and handed
+over as `SecretDocument`s (for podman's secret store, never ours). Documents of
+other kinds (Pod, Deployment, ...) are skipped and reported, so one file can
+serve both tools. Every problem in the input is collected and reported at once,
+naming the file, the document, the field path and the line, so a user fixes
+everything in one go; a caller applies nothing unless the whole input is valid.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from aisemble.model import (
     SpecError,
     StackKey,
 )
+from aisemble.model.secret import Secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -91,15 +93,32 @@ class Skipped:
     index: int
     kind: str
     name: str
+    why: str = f"not an {KIND}"
 
     def __str__(self) -> str:
-        return f"{self.source}: document {self.index}: skipped {self.kind} {self.name!r} (not an {KIND})"
+        return (
+            f"{self.source}: document {self.index}: skipped {self.kind} {self.name!r} ({self.why})"
+        )
+
+
+@dataclass(frozen=True)
+class SecretDocument:
+    """A valid `kind: Secret` found in the input (its values stay out of every message)."""
+
+    source: str
+    index: int
+    line: int
+    secret: Secret
+
+    def skipped(self, why: str) -> Skipped:
+        return Skipped(self.source, self.index, "Secret", self.secret.name, why)
 
 
 @dataclass
 class Manifests:
     documents: list[Document] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    secrets: list[SecretDocument] = field(default_factory=list)
 
     def keys(self) -> list[StackKey]:
         return [d.key for d in self.documents]
@@ -187,6 +206,13 @@ def _load_all(texts: list[tuple[str, str]], problems: list[Problem]) -> Manifest
                 )
             )
         seen.setdefault(doc.key, doc)
+    named: dict[str, SecretDocument] = {}
+    for sd in result.secrets:
+        first = named.setdefault(sd.secret.name, sd)
+        if first is not sd:
+            twice = f"Secret {sd.secret.name} is declared twice; first at {first.source} "
+            twice += f"document {first.index} (line {first.line})"
+            problems.append(Problem(sd.source, twice, document=sd.index, line=sd.line))
     if problems:
         raise ManifestError(problems)
     return result
@@ -227,6 +253,14 @@ def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]
                     line=line,
                 )
             )
+            continue
+        if kind == "Secret" and api_version == "v1":
+            try:
+                secret = Secret.model_validate(data)
+            except pydantic.ValidationError as exc:
+                problems.extend(_explain(exc, node, source, index, f"Secret {name}", Secret))
+                continue
+            result.secrets.append(SecretDocument(source, index, line, secret))
             continue
         if kind != KIND:
             result.skipped.append(Skipped(source, index, str(kind), str(name)))
@@ -345,12 +379,19 @@ def _duplicate_keys(node: Any, source: str, index: int, path: str = "") -> list[
 
 
 def _explain(
-    exc: pydantic.ValidationError, node: Any, source: str, index: int | None, resource: str
+    exc: pydantic.ValidationError,
+    node: Any,
+    source: str,
+    index: int | None,
+    resource: str,
+    root: type[pydantic.BaseModel] = AISemble,
 ) -> list[Problem]:
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        message = _message(error, loc)
+        message = _message(error, loc, root)
+        if loc and loc[-1] == "[key]":  # pydantic's mark for a map's key (not its value)
+            loc, message = loc[:-1], f"invalid key: {message}"
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, SpecError):
             loc = loc + _parse_path(cause.path)
@@ -370,10 +411,10 @@ def _explain(
     return problems
 
 
-def _message(error: dict[str, Any], loc: tuple) -> str:
+def _message(error: dict[str, Any], loc: tuple, root: type[pydantic.BaseModel] = AISemble) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        known = _known_fields(loc[:-1])
+        known = _known_fields(loc[:-1], root)
         text = f"unknown field {loc[-1]!r}"
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         if close:
@@ -389,9 +430,9 @@ def _message(error: dict[str, Any], loc: tuple) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _known_fields(loc: tuple) -> list[str]:
+def _known_fields(loc: tuple, root: type[pydantic.BaseModel] = AISemble) -> list[str]:
     """Field names of the model found by following `loc` from the resource."""
-    model: Any = AISemble
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue

@@ -30,6 +30,7 @@ from aisemble.planning.actions import (
 from aisemble.planning.desired import DesiredStack, render
 from aisemble.planning.observed import Observed, ObservedStack
 from aisemble.planning.planner import CRASH_LOOP_RESTARTS, plan
+from aisemble.planning.secrets import REDACTED, Resolution, fingerprint, holds, redact, wanted
 from aisemble.planning.status import DEADLINE_EXCEEDED, PassResult, fold
 from aisemble.podman.cdi import Inventory
 from aisemble.podman.driver import PodmanDriver
@@ -141,7 +142,8 @@ class Reconciler:
 
         resource = self._running_spec(stored)
         gpus = self._assign_gpus(key, resource)
-        desired = self._render(stored, resource, gpus)
+        secrets = self._resolve_secrets(resource)
+        desired = self._render(stored, resource, gpus, secrets)
         observed = self.driver.check_health(observed, [key])
         now = self.clock()
         history = self.store.restarts(key)
@@ -153,7 +155,7 @@ class Reconciler:
                 observed.has_image,
                 now=now,
                 restarts=history,
-                holds=gpus.held,
+                holds={**holds(resource, secrets), **gpus.held},
             ),
         )
         report.freed_gpus = gpus.freed
@@ -168,7 +170,7 @@ class Reconciler:
             errors=_errors_by_service(report),
             pending=report.failed_transiently,
             backoff=report.plan.backoff,
-            logs=self._crash_logs(report.plan.backoff, current),
+            logs=self._crash_logs(report.plan.backoff, current, secrets),
             restarts={pod: len(times) for pod, times in self.store.restarts(key).items()},
             pinned=stored.pinned,
             gpus=gpus.by_service(),
@@ -234,14 +236,37 @@ class Reconciler:
                     key, action.pod, "aisemble", exits.get(action.pod), now=self.clock()
                 )
 
-    def _crash_logs(self, backoff: tuple[Backoff, ...], current: ObservedStack) -> dict[str, str]:
-        """The last output of crash-looping replicas: the first thing a person asks for."""
+    def _crash_logs(
+        self, backoff: tuple[Backoff, ...], current: ObservedStack, secrets: Resolution
+    ) -> dict[str, str]:
+        """The last output of crash-looping replicas: the first thing a person asks for.
+
+        Values of the stack's secrets are redacted; where they cannot be read (to know
+        what to redact), the output is withheld.
+        """
         ids = {p.name: p.main.id for p in current.pods if p.main}
-        return {
+        logs = {
             b.pod: self.driver.logs(ids[b.pod], tail=5)
             for b in backoff
             if b.restarts >= CRASH_LOOP_RESTARTS and b.pod in ids
         }
+        if not logs or not secrets:
+            return logs
+        values = self.driver.secrets.values(secrets)
+        if values is None:
+            return {pod: f"{REDACTED} (its secrets could not be read to redact it)" for pod in logs}
+        return {pod: redact(text, values) for pod, text in logs.items()}
+
+    def _resolve_secrets(self, resource: AISemble, write: bool = True) -> Resolution:
+        """The stack's secret references as podman secrets (each key its own, made or
+        remade here when missing or out of date), or why a service must wait."""
+        refs = wanted(resource)
+        if not refs:
+            return {}
+        try:
+            return self.driver.secrets.resolve(refs, write=write)
+        except Exception as exc:  # the API's errors name secrets, never their data
+            raise PodmanUnavailable(f"podman could not list its secrets: {exc}") from exc
 
     def _roll_back_if_due(self, stored: StoredStack, report: PassReport) -> None:
         status = report.status
@@ -281,18 +306,23 @@ class Reconciler:
     def preview(self, resources: list[AISemble]) -> list[Plan]:
         """The plans a pass would carry out for these resources now; changes nothing."""
         observed = self.driver.observe([r.key for r in resources], full=True)
-        return [
-            plan(render(r, self.store.owner), observed.stack(r.key), observed.has_image)
-            for r in resources
-        ]
+        plans = []
+        for r in resources:
+            secrets = self._resolve_secrets(r, write=False)
+            desired = render(r, self.store.owner, secrets=secrets)
+            held = holds(r, secrets)
+            plans.append(plan(desired, observed.stack(r.key), observed.has_image, holds=held))
+        return plans
 
-    def _render(self, stored: StoredStack, resource: AISemble, gpus: GpuAssignment) -> DesiredStack:
-        """Rendering hashes every service; the stack's revision (and its devices) say when
-        to do it again."""
-        version = (stored.revision, gpus.fingerprint())
+    def _render(
+        self, stored: StoredStack, resource: AISemble, gpus: GpuAssignment, secrets: Resolution
+    ) -> DesiredStack:
+        """Rendering hashes every service; the stack's revision (and its devices and
+        secrets' versions) say when to do it again."""
+        version = (stored.revision, gpus.fingerprint(), fingerprint(secrets))
         cached = self._rendered.get(stored.key)
         if cached is None or cached[0] != version:
-            cached = (version, render(resource, self.store.owner, gpus.devices))
+            cached = (version, render(resource, self.store.owner, gpus.devices, secrets))
             self._rendered[stored.key] = cached
         return cached[1]
 

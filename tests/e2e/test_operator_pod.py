@@ -76,6 +76,19 @@ def test_the_operator_pod_runs_stacks_from_the_cluster(
             "state": str(env.state_dir),
         },
     )
+    # The services' seccomp profile goes where the host's podman reads it: a path that is
+    # the same inside the operator's container and out (this test's own, not /etc).
+    seccomp = tmp_path / "seccomp"
+    for volume in played["spec"]["volumes"]:
+        if volume["name"] == "seccomp":
+            volume["hostPath"] = {"path": str(seccomp), "type": "DirectoryOrCreate"}
+    [operator] = played["spec"]["containers"]
+    for mount in operator["volumeMounts"]:
+        if mount["name"] == "seccomp":
+            mount["mountPath"] = str(seccomp)
+    for variable in operator["env"]:
+        if variable["name"] == "AISEMBLE_SECCOMP_PROFILE":
+            variable["value"] = str(seccomp / "ai-semble.json")
     path = tmp_path / "operator.yaml"
     path.write_text(yaml.safe_dump(played))
     result = podman("kube", "play", str(path))
@@ -107,6 +120,7 @@ def test_the_operator_pod_runs_stacks_from_the_cluster(
             timeout=60,
         )
         assert obj["status"]["ready"] == "1/1"
+        assert (seccomp / "ai-semble.json").is_file()  # put there by the operator
         assert len(env.pods(stack_name)) == 1  # made by the operator in the pod, on this host
 
         cluster.delete(stack_name)

@@ -36,7 +36,7 @@ from podman_helpers import (
 )
 
 from aisemble.model import StackKey
-from aisemble.podman.driver import RESTART_TRIES
+from aisemble.podman.payloads import RESTART_TRIES
 
 LONG_RESYNC = "300s"
 REPAIR = 10.0  # seconds a repair by the event stream may take (the resync is 300 s)

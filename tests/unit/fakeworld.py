@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 
 from aisemble.model import StackKey
 from aisemble.model.spec import host_ports_clash
+from aisemble.planning import naming
 from aisemble.planning.actions import (
     Action,
     CreateNetwork,
@@ -134,6 +135,8 @@ def converged(desired: DesiredStack, state: str = "running") -> ObservedStack:
         tuple(make_pod(t, state) for t in desired.pods),
         desired.network,
         tuple(sorted(desired.volumes)),
+        network_mode=desired.network_mode,
+        edge=desired.edge,
     )
 
 
@@ -238,7 +241,11 @@ class FakeWorld:
         self.stack = dataclasses.replace(self.stack, **changes)
 
     def _create_network(self, action: CreateNetwork) -> None:
-        self._replace(network=action.name, network_created=self.now)
+        mode = action.labels.get(naming.NETWORK_MODE)
+        if mode == naming.NETWORK_EDGE:
+            self._replace(edge=action.name, edge_created=self.now)
+        else:
+            self._replace(network=action.name, network_created=self.now, network_mode=mode)
 
     def _create_volume(self, action: CreateVolume) -> None:
         if action.name not in self.stack.volumes:
@@ -250,6 +257,8 @@ class FakeWorld:
             raise WorldError("NameConflict", f"a pod named {t.pod_name} already exists")
         if self.stack.network != t.network:
             raise WorldError("NetworkNotFound", f"network {t.network} does not exist")
+        if t.edge is not None and self.stack.edge != t.edge:
+            raise WorldError("NetworkNotFound", f"network {t.edge} does not exist")
         for m in t.mounts:
             if m.volume not in self.stack.volumes:
                 raise WorldError("VolumeNotFound", f"volume {m.volume} does not exist")
@@ -297,12 +306,16 @@ class FakeWorld:
         self._replace(pods=tuple(p for p in self.stack.pods if p.name != action.pod))
 
     def _remove_network(self, action: RemoveNetwork) -> None:
-        if self.stack.network != action.name:
+        edge = action.name == self.stack.edge
+        if self.stack.network != action.name and not edge:
             return
-        if self.stack.pods:
-            users = ", ".join(sorted(self.pod_names))
-            raise WorldError("NetworkInUse", f"network {action.name} is used by {users}")
-        self._replace(network=None)
+        users = [p for p in self.stack.pods if not edge or p.host_ports]
+        if users and not action.force:
+            names = ", ".join(sorted(p.name for p in users))
+            raise WorldError("NetworkInUse", f"network {action.name} is used by {names}")
+        for pod in users:  # podman's --force: the pods on it go with it
+            self._remove_pod(RemovePod(self.stack.key, pod.service or "?", pod.name, "forced"))
+        self._replace(**({"edge": None} if edge else {"network": None}))
 
     def _remove_volume(self, action: RemoveVolume) -> None:
         users = sorted(p for p, vols in self.mounts.items() if action.name in vols)

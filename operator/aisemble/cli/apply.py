@@ -10,6 +10,7 @@ from typing import TextIO
 
 import yaml
 
+from aisemble.cli import secret as secret_cli
 from aisemble.cli.printing import error, note
 from aisemble.cli.session import Session
 from aisemble.loading import ManifestError, Manifests, load_paths
@@ -17,6 +18,7 @@ from aisemble.model import AISemble, Phase, StackKey
 from aisemble.planning import gpu
 from aisemble.podman.cdi import Inventory
 from aisemble.podman.errors import PodmanUnavailable
+from aisemble.podman.secrets import SecretError
 from aisemble.reconciler import PassReport, StepOutcome
 from aisemble.sources.store import StoreError
 
@@ -64,8 +66,8 @@ def load(args: argparse.Namespace) -> Manifests | None:
         return None
     for skipped in manifests.skipped:
         note(str(skipped))
-    if not manifests.documents:
-        error(f"no AISemble resources found in {', '.join(args.filename)}")
+    if not manifests.documents and not manifests.secrets:
+        error(f"no AISemble resources or Secrets found in {', '.join(args.filename)}")
         return None
     return manifests
 
@@ -112,14 +114,19 @@ def cmd_apply(args: argparse.Namespace, session: Session) -> int:
     # Connect first: when podman is unreachable, fail before anything is stored.
     with session.controller(progress=printer.step) as controller:
         try:
+            if manifests.secrets:  # refuse the input before a secret is written
+                session.store.apply(manifests.documents, dry_run=True)
+                changed = secret_cli.apply_secrets(manifests, controller.driver)
             changes = session.store.apply(manifests.documents)
-        except StoreError as exc:
-            error(str(exc))
+        except (StoreError, SecretError) as exc:
+            error(getattr(exc, "message", str(exc)))
             note("nothing was applied")
             return 1
         for change in changes:
             print(change, flush=True)
         keys = [c.key for c in changes]
+        if manifests.secrets:  # a changed value rolls the services using it
+            keys += [k for k in secret_cli.stacks_using(session.store, changed) if k not in keys]
         reports = controller.converge(keys, args.timeout, wait=args.wait, on_pass=printer.status)
     return _summarize(keys, reports, printer, waited=args.wait, timeout=args.timeout)
 
@@ -170,6 +177,8 @@ def _dry_run(manifests: Manifests, session: Session) -> int:
         return 1
     for change in changes:
         print(f"{change} (dry run)")
+    if secret_cli.preview_secrets(manifests, session, "{verb} (dry run)") is None:
+        return 1
     _print_plans([d.resource for d in manifests.documents], session, prefix="would ")
     return 0
 
@@ -210,8 +219,9 @@ def cmd_diff(args: argparse.Namespace, session: Session) -> int:
         if lines:
             changed = True
             sys.stdout.writelines(lines)
+    secrets = secret_cli.preview_secrets(manifests, session, "would be {verb} (values not shown)")
     actions = _print_plans([d.resource for d in manifests.documents], session, prefix="")
-    return 1 if changed or actions else 0
+    return 1 if changed or actions or secrets else 0
 
 
 def _comparable(resource: AISemble) -> str:
@@ -232,6 +242,10 @@ def cmd_delete(args: argparse.Namespace, session: Session) -> int:
         if manifests is None:
             return 1
         keys = manifests.keys()
+        for doc in manifests.secrets:
+            note(
+                f"secret/{doc.secret.name} kept (delete it with: aisemble secret delete {doc.secret.name})"
+            )
     elif args.names:
         keys = [StackKey(args.namespace or "default", n) for n in args.names]
     else:

@@ -11,7 +11,8 @@ from aisemble import __version__
 from aisemble.cli import gitops as gitops_cli
 from aisemble.cli import images as images_cli
 from aisemble.cli import kube as kube_cli
-from aisemble.cli.printing import bool_arg, duration_arg, error, parse_duration
+from aisemble.cli import secret as secret_cli
+from aisemble.cli.printing import duration_arg, error, wait_options
 from aisemble.telemetry import logs
 
 
@@ -64,26 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("-R", "--recursive", action="store_true", help="descend into directories")
 
-    def waiting(p: argparse.ArgumentParser, default_timeout: str) -> None:
-        p.add_argument(
-            "--wait",
-            type=bool_arg,
-            nargs="?",
-            const=True,
-            default=True,
-            metavar="BOOL",
-            help="wait until converged (default true; --wait=false returns after one pass)",
-        )
-        p.add_argument(
-            "--timeout",
-            type=duration_arg,
-            default=parse_duration(default_timeout),
-            help=f"how long to wait (default {default_timeout}; e.g. 90s, 5m)",
-        )
-
     p = sub.add_parser("apply", help="store stacks from YAML and converge to them")
     files(p, required=True)
-    waiting(p, "5m")
+    wait_options(p, "5m")
     p.add_argument(
         "--dry-run", action="store_true", help="validate and show what would change; change nothing"
     )
@@ -95,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("-n", "--namespace", default=None)
     files(p, required=False)
-    waiting(p, "2m")
+    wait_options(p, "2m")
     p.add_argument(
         "--purge-volumes",
         action="store_true",
@@ -170,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a source as given to `run --source` (repeatable; default: every git and "
         "directory source this store has synced)",
     )
-    waiting(p, "5m")
+    wait_options(p, "5m")
     p.add_argument(
         "-o", "--output", choices=["table", "yaml", "json"], default="table", help="of sync status"
     )
@@ -181,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", action="store_true", help="apply the fixes that are safe to apply")
 
     images_cli.add_parser(sub)
+    secret_cli.add_parser(sub)
     return parser
 
 
@@ -209,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "sync": sync.cmd_sync,
         "doctor": doctor.cmd_doctor,
         "images": images_cli.cmd_images,
+        "secret": secret_cli.cmd_secret,
     }
     try:
         session = Session(args.state_dir)

@@ -93,3 +93,20 @@ def bool_arg(text: str) -> bool:
     if text.lower() in ("false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def wait_options(
+    p: argparse.ArgumentParser,
+    default_timeout: str,
+    what: str = "wait until converged (default true; --wait=false returns after one pass)",
+) -> None:
+    """`--wait[=BOOL]` and `--timeout DURATION`, as every converging command takes them."""
+    p.add_argument(
+        "--wait", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL", help=what
+    )
+    p.add_argument(
+        "--timeout",
+        type=duration_arg,
+        default=parse_duration(default_timeout),
+        help=f"how long to wait (default {default_timeout}; e.g. 90s, 5m)",
+    )

@@ -108,6 +108,10 @@ def cmd_describe(args: argparse.Namespace, session: Session) -> int:
         message = f"{st.reason}: {st.message}" if st and st.message else ""
         rows.append([f"  {svc.name}", ready, svc.image, ", ".join(svc.dependsOn) or "-", message])
     table(["  NAME", "READY", "IMAGE", "DEPENDS ON", "MESSAGE"], rows)
+    security = [[f"  {s.name}", s.security] for s in (status.services if status else [])]
+    if any(row[1] for row in security):
+        print("Security:")
+        table(["  SERVICE", "CONFINEMENT"], security)
     _describe_pods(stack, session, now)
     if status and status.conditions:
         print("Conditions:")
@@ -129,7 +133,11 @@ def _describe_pods(stack: StoredStack, session: Session, now: datetime) -> None:
     except PodmanUnavailable as exc:
         print(f"Pods:         (podman unreachable: {exc})")
         return
-    print(f"Network:      {observed.network or '(none)'}")
+    network = stack.resource.spec.network
+    mode = "egress allowed" if network.egress else "isolated: no route off the stack"
+    print(f"Network:      {observed.network or '(none)'} ({mode})")
+    if observed.edge:
+        print(f"Edge network: {observed.edge} (exposed pods' published ports only)")
     if observed.volumes:
         print("Volumes:      " + ", ".join(observed.volumes))
     if not observed.pods:

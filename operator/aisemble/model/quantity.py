@@ -40,14 +40,22 @@ def parse_cpu(value: str) -> int:
 
 
 def parse_memory(value: str) -> int:
-    """Memory quantity -> bytes. `512Mi` -> 536870912, `1G` -> 10**9."""
-    number, suffix = _split(value, "memory", "512Mi, 8Gi, 1G, 1048576")
+    """A container's memory quantity -> bytes. `512Mi` -> 536870912, `1G` -> 10**9."""
+    size = parse_bytes(value, "memory")
+    if size < 6 * 2**20:
+        raise ValueError(f"{value!r}: podman needs at least 6Mi of memory for a container")
+    return size
+
+
+def parse_bytes(value: str, what: str = "size") -> int:
+    """Any size quantity -> bytes, at least one. `64Mi` -> 67108864."""
+    number, suffix = _split(value, what, "512Mi, 8Gi, 1G, 1048576")
     if suffix in _BINARY:
         size = number * _BINARY[suffix]
     elif suffix in _DECIMAL:
         size = number * _DECIMAL[suffix]
     else:
         raise ValueError(f"{value!r}: unknown suffix {suffix!r}; use Ki, Mi, Gi, Ti or k, M, G, T")
-    if size < 6 * 2**20:
-        raise ValueError(f"{value!r}: podman needs at least 6Mi of memory for a container")
+    if size < 1:
+        raise ValueError(f"{value!r}: must be at least one byte")
     return int(size)

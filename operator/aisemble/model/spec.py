@@ -11,9 +11,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from aisemble.model.base import StrictModel
 from aisemble.model.quantity import parse_cpu, parse_memory
+from aisemble.model.secret import SecretKey, SecretName
+from aisemble.model.security import (
+    SecurityContext,
+    StackNetwork,
+    StackSecurity,
+    TmpfsMount,
+    profile_refusal,
+)
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
@@ -34,10 +43,20 @@ CdiName = Annotated[
 LIST_MAP_BY_NAME = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
 
 
-class StrictModel(BaseModel):
-    """A model that rejects fields it does not know, so typos fail loudly."""
+class SecretKeySelector(StrictModel):
+    """One key of a secret (`aisemble secret create`, or a `kind: Secret` document)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    name: SecretName = Field(description="Name of the secret.")
+    key: SecretKey = Field(description="The key whose value the variable takes.")
+
+
+class EnvVarSource(StrictModel):
+    """Where a variable's value comes from, as in Kubernetes."""
+
+    secretKeyRef: SecretKeySelector = Field(
+        description="A key of a secret: the value stays in podman's secret store; the "
+        "container gets it when it starts, and it shows nowhere else."
+    )
 
 
 class EnvVar(StrictModel):
@@ -45,6 +64,15 @@ class EnvVar(StrictModel):
 
     name: str = Field(pattern=ENV_NAME, description="Name of the variable.")
     value: str = Field("", description="Value of the variable; empty when omitted.")
+    valueFrom: EnvVarSource | None = Field(
+        None, description="Take the value from a secret instead of `value`."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if self.valueFrom is not None and self.value:
+            raise SpecError("valueFrom", "give either value or valueFrom, not both")
+        return self
 
 
 class VolumeMount(StrictModel):
@@ -217,6 +245,16 @@ class Service(StrictModel):
         le=3600,
         description="Seconds a stopping container is given after SIGTERM before it is killed.",
     )
+    securityContext: SecurityContext | None = Field(
+        None,
+        description="Relaxes the stack's security profile for this service, as far as the "
+        "profile allows (see spec.security).",
+    )
+    tmpfs: list[TmpfsMount] = Field(
+        default_factory=list,
+        description="Writable in-memory directories besides `/tmp`, for images that write "
+        "elsewhere under a read-only root filesystem.",
+    )
 
     @field_validator("env")
     @classmethod
@@ -229,6 +267,16 @@ class Service(StrictModel):
     def _unique_mount_paths(cls, mounts: list[VolumeMount]) -> list[VolumeMount]:
         _reject_duplicates([m.mountPath for m in mounts], "mountPath")
         return mounts
+
+    @field_validator("tmpfs")
+    @classmethod
+    def _tmpfs_paths_free(cls, tmpfs: list[TmpfsMount], info: ValidationInfo) -> list[TmpfsMount]:
+        volumes = [m.mountPath for m in info.data.get("volumeMounts") or []]
+        _reject_duplicates([t.mountPath for t in tmpfs], "mountPath")
+        for t in tmpfs:
+            if t.mountPath in volumes:
+                raise ValueError(f"mountPath {t.mountPath!r} is also a volumeMount")
+        return tmpfs
 
 
 class Volume(StrictModel):
@@ -296,6 +344,15 @@ class AISembleSpec(StrictModel):
         description="`auto`: when a change misses its progress deadline, run the last revision "
         "that was ready again (the spec stays as given; status says what runs).",
     )
+    security: StackSecurity = Field(
+        default_factory=StackSecurity,
+        description="How far every container of the stack is confined (default: the "
+        "`restricted` profile).",
+    )
+    network: StackNetwork = Field(
+        default_factory=StackNetwork,
+        description="Where the stack's pods may connect (default: only to each other).",
+    )
     nodeName: Annotated[str, Field(min_length=1, max_length=253, pattern=NODE_NAME)] | None = Field(
         None,
         description="With several Podman hosts sharing one Kubernetes cluster: the host "
@@ -316,6 +373,11 @@ class AISembleSpec(StrictModel):
         by_name = {s.name: s for s in self.services}
         volumes = {v.name for v in self.volumes}
         for i, svc in enumerate(self.services):
+            refused = svc.securityContext and profile_refusal(
+                self.security.profile, svc.securityContext
+            )
+            if refused:
+                raise SpecError(f"services[{i}].{refused[0]}", refused[1])
             check = svc.healthcheck
             if check and check.http and check.http.port is None and svc.port is None:
                 raise SpecError(
@@ -433,10 +495,12 @@ def _reject_duplicates(values: list[str], what: str, path: str | None = None) ->
 __all__ = [
     "AISembleSpec",
     "EnvVar",
+    "EnvVarSource",
     "Expose",
     "HealthCheck",
     "HttpCheck",
     "Resources",
+    "SecretKeySelector",
     "Service",
     "SpecError",
     "Volume",

@@ -60,6 +60,11 @@ class ServiceStatus(StatusModel):
         default_factory=list, description="CDI names of the GPUs its replicas hold."
     )
     pods: list[str] = Field(default_factory=list, description="Names of the service's podman pods.")
+    security: str = Field(
+        "",
+        description="The confinement its current replicas run under: the security profile "
+        "and what it turns into, e.g. `restricted: non-root, read-only root, ...`.",
+    )
 
 
 class Endpoint(StatusModel):

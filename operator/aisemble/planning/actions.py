@@ -23,6 +23,8 @@ class CreateNetwork:
     stack: StackKey
     name: str
     labels: dict[str, str] = field(compare=False)
+    internal: bool = False  # no route off the network
+    bridge: str | None = None  # the host interface's name; podman picks one when None
 
     @property
     def key(self) -> str:
@@ -133,6 +135,9 @@ class RemoveNetwork:
 
     stack: StackKey
     name: str
+    # Remove the containers on it too (podman's --force): a network of the wrong mode
+    # goes with its pods, which the next pass brings back on the new one.
+    force: bool = False
 
     @property
     def key(self) -> str:

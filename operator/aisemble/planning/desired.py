@@ -18,6 +18,8 @@ from aisemble.model import AISemble, Service, StackKey
 from aisemble.model.quantity import parse_cpu, parse_memory
 from aisemble.planning import naming
 from aisemble.planning.gpu import Device, env_for
+from aisemble.planning.secrets import Resolution, split_env, versioned
+from aisemble.planning.security import Confinement, confine
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,13 @@ class PodTemplate:
     # Replaced by removing the old replica first, not by starting the new one beside it:
     # a host port or an exclusive device cannot be held by two replicas at once.
     recreate: bool = False
+    confinement: Confinement | None = None  # None: podman's defaults (tests' templates)
+    secret_env: tuple[tuple[str, str], ...] = ()  # variable -> podman secret with its value
+    edge: str | None = None  # the second network its published ports are on
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return (self.network, self.edge) if self.edge else (self.network,)
 
     @property
     def label_dict(self) -> dict[str, str]:
@@ -99,6 +108,8 @@ class DesiredStack:
     replicas: dict[str, int]
     suspend: bool
     labels: dict[str, str]
+    network_mode: str = naming.NETWORK_ISOLATED  # what the stack's network lets through
+    edge: str | None = None  # for exposed pods when the stack's network is isolated
 
     def templates(self, service: str) -> list[PodTemplate]:
         return [p for p in self.pods if p.service == service]
@@ -108,15 +119,21 @@ def render(
     resource: AISemble,
     owner: str,
     gpus: Mapping[tuple[str, int], Sequence[Device]] | None = None,
+    secrets: Resolution | None = None,
 ) -> DesiredStack:
     """The stack's pods; `gpus` gives each replica (service, replica) its allocated devices.
 
     A replica's hash covers its devices: a replica moved to other devices is replaced.
+    `secrets` resolves the services' secret references (see planning.secrets); the hash
+    covers their versions, so a replaced secret rolls the services using it.
     """
     gpus = gpus or {}
     key = resource.key
     spec = resource.spec
     network = naming.network_name(key)
+    egress = spec.network.egress
+    # An isolated (internal) network cannot publish ports: exposed pods join a second one.
+    edge = naming.edge_network_name(key) if spec.expose and not egress else None
     base_labels = naming.stack_labels(owner, key)
     pods: list[PodTemplate] = []
     order = service_order(resource)
@@ -131,9 +148,15 @@ def render(
             Mount(naming.volume_name(key, m.volume), m.mountPath, m.readOnly)
             for m in service.volumeMounts
         )
+        confinement = confine(resource, service)
+        plain_env, secret_env, secret_versions = split_env(service, secrets or {})
         for replica in range(service.replicas):
             devices = tuple(gpus.get((name, replica), ()))
-            spec_hash = _hash(key, service, network, bindings, mounts, devices)
+            on_edge = edge if bindings else None
+            spec_hash = _hash(
+                key, service, network, bindings, mounts, devices, confinement, on_edge, egress
+            )
+            spec_hash = versioned(spec_hash, secret_versions)
             pod = naming.pod_name(key, name, replica, spec_hash)
             labels = {
                 **base_labels,
@@ -141,6 +164,7 @@ def render(
                 naming.REPLICA: str(replica),
                 naming.SPEC_HASH: spec_hash,
                 naming.REVISION: str(resource.metadata.generation or 1),
+                naming.SECURITY_PROFILE: confinement.profile,
             }
             if bindings:
                 labels[naming.HOST_PORTS] = naming.encode_host_ports([b.host for b in bindings])
@@ -158,8 +182,8 @@ def render(
                     image=service.image,
                     command=tuple(service.command) if service.command is not None else None,
                     args=tuple(service.args) if service.args is not None else None,
-                    env=tuple((e.name, e.value) for e in service.env)
-                    + tuple(sorted(env_for(devices).items())),
+                    env=plain_env + tuple(sorted(env_for(devices).items())),
+                    secret_env=secret_env,
                     devices=tuple(d.cdi for d in devices),
                     ports=bindings,
                     mounts=mounts,
@@ -170,6 +194,8 @@ def render(
                     stop_timeout=service.terminationGracePeriodSeconds,
                     labels=tuple(sorted(labels.items())),
                     probe=_probe(service),
+                    confinement=confinement,
+                    edge=on_edge,
                     recreate=bool(bindings)
                     or (
                         service.resources.wants_gpus and service.resources.gpuSharing == "exclusive"
@@ -188,6 +214,8 @@ def render(
         replicas={s.name: s.replicas for s in spec.services},
         suspend=resource.suspended,
         labels=base_labels,
+        network_mode=naming.NETWORK_EGRESS if egress else naming.NETWORK_ISOLATED,
+        edge=edge,
     )
 
 
@@ -244,6 +272,9 @@ def _hash(
     bindings: tuple[PortBinding, ...],
     mounts: tuple[Mount, ...],
     devices: tuple[Device, ...] = (),
+    confinement: Confinement | None = None,
+    edge: str | None = None,
+    egress: bool = False,
 ) -> str:
     relevant: dict = {
         "stack": list(key),
@@ -260,5 +291,9 @@ def _hash(
     }
     if devices:  # only then, so stacks without GPUs keep their hashes
         relevant["devices"] = [d.id for d in devices]
+    if confinement is not None:
+        relevant["confinement"] = confinement.hash_fields()
+        # A pod never changes networks: a new network mode or edge means a new pod.
+        relevant["networkMode"] = [egress, edge]
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

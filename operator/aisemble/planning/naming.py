@@ -8,6 +8,8 @@ the owner label are never looked at, let alone touched.
 
 from __future__ import annotations
 
+import hashlib
+
 from aisemble.model import StackKey
 
 PREFIX = "aisemble.io/"
@@ -22,6 +24,14 @@ ROLE = PREFIX + "role"
 HOST_PORTS = PREFIX + "host-ports"
 HEALTH_INTERVAL = PREFIX + "health-interval"  # seconds between health checks
 REVISION = PREFIX + "revision"  # the generation a pod was made from
+SECURITY_PROFILE = PREFIX + "security-profile"  # the profile a service's pods run under
+# On a stack's networks: what they let through (see NETWORK_* below).
+NETWORK_MODE = PREFIX + "network-mode"
+NETWORK_ISOLATED = "isolated"  # internal: no route off it
+NETWORK_EGRESS = "egress"  # routes off it (spec.network.egress)
+NETWORK_EDGE = "edge"  # where exposed pods publish ports; the host firewall confines it
+# Bridges of networks that must not route off the stack: the firewall rules match them.
+CONFINED_BRIDGE_PREFIX = "aisx"
 PHASE = PREFIX + "phase"
 READY = PREFIX + "ready"
 
@@ -38,6 +48,19 @@ def stack_labels(owner: str, key: StackKey) -> dict[str, str]:
 def network_name(key: StackKey) -> str:
     # '_' cannot occur in namespace or stack names (DNS labels), so names never collide.
     return f"aisemble_{key.namespace}_{key.name}"
+
+
+def edge_network_name(key: StackKey) -> str:
+    """The network exposed pods of an isolated stack publish their ports on."""
+    return f"aisemble_{key.namespace}_{key.name}_edge"
+
+
+def bridge_name(network: str, confined: bool) -> str | None:
+    """The host's bridge interface for `network` (15 characters at most): a known prefix
+    for the firewall to match when it is confined, podman's own choice otherwise."""
+    if not confined:
+        return None
+    return CONFINED_BRIDGE_PREFIX + hashlib.sha256(network.encode()).hexdigest()[:11]
 
 
 def volume_name(key: StackKey, volume: str) -> str:

@@ -86,12 +86,17 @@ class ObservedStack:
     # When the stack's network was created: a pod older than its network is on one that
     # was removed (a pod never changes networks), cut off from its peers.
     network_created: datetime | None = None
+    # Its naming.NETWORK_MODE label; "" for a network made before there were modes.
+    network_mode: str = naming.NETWORK_ISOLATED
+    edge: str | None = None  # the network exposed pods publish on (naming.edge_network_name)
+    edge_created: datetime | None = None
 
     @property
     def empty(self) -> bool:
         return (
             not self.pods
             and self.network is None
+            and self.edge is None
             and not self.volumes
             and not self.extra_networks
             and not self.strays
@@ -150,10 +155,12 @@ class Observed:
             if (b := bucket(pod.labels)) is not None:
                 b["pods"].append(pod)
         created: dict[str, datetime | None] = {}
+        modes: dict[str, str] = {}
         for name, labels, *when in networks:
             if (b := bucket(labels)) is not None:
                 b["networks"].append(name)
                 created[name] = when[0] if when else None
+                modes[name] = labels.get(naming.NETWORK_MODE, "")
         for name, labels in volumes:
             if (b := bucket(labels)) is not None:
                 b["volumes"].append(name)
@@ -165,16 +172,19 @@ class Observed:
                 b["status"] = labels
         stacks = {}
         for key, b in grouped.items():
-            own = naming.network_name(key)
+            own, edge = naming.network_name(key), naming.edge_network_name(key)
             stacks[key] = ObservedStack(
                 key,
                 tuple(sorted(b["pods"], key=lambda p: p.name)),
                 own if own in b["networks"] else None,
                 tuple(sorted(b["volumes"])),
-                tuple(sorted(n for n in b["networks"] if n != own)),
+                tuple(sorted(n for n in b["networks"] if n not in (own, edge))),
                 tuple(sorted(b["strays"], key=lambda c: c.name)),
                 b["status"],
                 created.get(own),
+                modes.get(own, naming.NETWORK_ISOLATED),
+                edge if edge in b["networks"] else None,
+                created.get(edge),
             )
         return Observed(
             stacks=stacks,

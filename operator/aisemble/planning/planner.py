@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from aisemble.model import StackKey
 from aisemble.model.spec import host_ports_clash
+from aisemble.planning import naming
 from aisemble.planning.actions import (
     Backoff,
     CreateNetwork,
@@ -83,7 +84,7 @@ def _teardown(observed: ObservedStack, purge_volumes: bool) -> Plan:
     ] + [Step(RemoveContainer(observed.key, c.name)) for c in observed.strays]
     after = tuple(s.key for s in removals)
     steps = list(removals)
-    networks = ([observed.network] if observed.network else []) + list(observed.extra_networks)
+    networks = [n for n in (observed.network, observed.edge) if n] + list(observed.extra_networks)
     for network in networks:
         steps.append(Step(RemoveNetwork(observed.key, network), after))
     if purge_volumes:
@@ -145,16 +146,50 @@ class _Planner:
             self.steps.append(Step(RemoveNetwork(self.key, network)))
         created: dict[str, str] = {}
         labels = self.desired.labels
-        if self.observed.network != self.desired.network:
-            step = Step(CreateNetwork(self.key, self.desired.network, labels))
-            self.steps.append(step)
-            created[self.desired.network] = step.key
+        mode = self.desired.network_mode
+        isolated = mode == naming.NETWORK_ISOLATED
+        created.update(self._network(self.desired.network, self.observed.network, mode, isolated))
+        if self.desired.edge or self.observed.edge:
+            created.update(
+                self._network(
+                    self.desired.edge, self.observed.edge, naming.NETWORK_EDGE, internal=False
+                )
+            )
         for volume in self.desired.volumes:
             if volume not in self.observed.volumes:
                 step = Step(CreateVolume(self.key, volume, labels))
                 self.steps.append(step)
                 created[volume] = step.key
         return created
+
+    def _network(
+        self, wanted: str | None, seen: str | None, mode: str, internal: bool
+    ) -> dict[str, str]:
+        """Make the network `wanted` exist in `mode`; returns name -> key of its creation.
+
+        A network's mode cannot change, and neither can a pod's networks: one of the wrong
+        mode goes at once with the pods on it (`force`); the next pass brings them back on
+        the new one, as after a network removed by hand.
+        """
+        after: tuple[str, ...] = ()
+        if seen is not None and (wanted is None or self.observed_mode(seen) != mode):
+            step = Step(RemoveNetwork(self.key, seen, force=True))
+            self.steps.append(step)
+            after = (step.key,)
+            seen = None
+        if wanted is None or seen is not None:
+            return {}
+        labels = {**self.desired.labels, naming.NETWORK_MODE: mode}
+        confined = mode != naming.NETWORK_EGRESS
+        bridge = naming.bridge_name(wanted, confined)
+        step = Step(CreateNetwork(self.key, wanted, labels, internal, bridge), after)
+        self.steps.append(step)
+        return {wanted: step.key}
+
+    def observed_mode(self, network: str) -> str:
+        if network == self.observed.edge:
+            return naming.NETWORK_EDGE
+        return self.observed.network_mode
 
     def _slots(self) -> dict[tuple[str, int], list[ObservedPod]]:
         """Group observed pods by (service, replica); pods no slot wants are removed.
@@ -182,7 +217,11 @@ class _Planner:
         if self.observed.network is None:
             return True
         made, network = pod.created, self.observed.network_created
-        return made is not None and network is not None and made < network
+        if made is not None and network is not None and made < network:
+            return True
+        # Likewise for the edge network of a pod that publishes ports.
+        edge = self.observed.edge_created
+        return bool(pod.host_ports) and made is not None and edge is not None and made < edge
 
     def _hold_unavailable(self, slots: dict[tuple[str, int], list[ObservedPod]]) -> None:
         """Services that cannot start this pass keep what runs now, untouched.
@@ -392,7 +431,7 @@ class _Planner:
         return step.key
 
     def _infra_keys(self, template: PodTemplate, infra: dict[str, str]) -> list[str]:
-        names = [template.network] + [m.volume for m in template.mounts]
+        names = [*template.networks] + [m.volume for m in template.mounts]
         return [infra[n] for n in names if n in infra]
 
     def _holders(self, template: PodTemplate) -> list[str]:

@@ -20,10 +20,11 @@ from aisemble.model import (
     Phase,
     ServiceStatus,
 )
+from aisemble.planning import naming
 from aisemble.planning.actions import Backoff
 from aisemble.planning.desired import DesiredStack
 from aisemble.planning.gpu import UNSCHEDULABLE
-from aisemble.planning.observed import ObservedStack
+from aisemble.planning.observed import ObservedPod, ObservedStack
 from aisemble.planning.planner import (
     CRASH_LOOP_RESTARTS,
     IMAGE_NOT_FOUND,
@@ -32,6 +33,7 @@ from aisemble.planning.planner import (
     WAITING_FOR_PORT,
     backoff_delay,
 )
+from aisemble.planning.secrets import SECRET_INVALID, SECRET_NOT_FOUND, SECRET_UNREADABLE
 
 CRASH_LOOP = "CrashLoopBackOff"
 DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
@@ -46,6 +48,9 @@ FAILURE_REASONS = {
     CRASH_LOOP,
     DEADLINE_EXCEEDED,
     "DeviceLost",
+    SECRET_NOT_FOUND,
+    SECRET_INVALID,
+    SECRET_UNREADABLE,
 }
 
 
@@ -205,7 +210,20 @@ def _service_status(
         lastError=message if failing else (previous.lastError if previous else ""),
         gpus=list(result.gpus.get(name, [])),
         pods=sorted(p.name for p in pods),
+        security=_security(desired, name, current),
     )
+
+
+def _security(desired: DesiredStack, name: str, current: list[ObservedPod]) -> str:
+    """The confinement the service's current replicas run under, in one line."""
+    templates = desired.templates(name)
+    confinement = templates[0].confinement if templates else None
+    if confinement is None:
+        return ""
+    profiles = {p.labels.get(naming.SECURITY_PROFILE) for p in current}
+    if current and profiles != {confinement.profile}:
+        return "running: " + ", ".join(sorted(str(p) for p in profiles))
+    return confinement.summary()
 
 
 def _backoff_message(b: Backoff, result: PassResult) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import podman
 from podman.errors import APIError, ImageNotFound, NotFound
@@ -37,7 +38,12 @@ from aisemble.planning.actions import (
 )
 from aisemble.planning.desired import PodTemplate
 from aisemble.planning.observed import Observed, ObservedContainer, ObservedPod
+from aisemble.podman import selinux
 from aisemble.podman.errors import ActionFailed, PodmanUnavailable
+from aisemble.podman.firewall import Firewall
+from aisemble.podman.hardening import confinement_payload, merge
+from aisemble.podman.payloads import container_payload, pod_payload
+from aisemble.podman.secrets import PodmanSecrets
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,10 @@ class PodmanDriver:
         self._lock = threading.Lock()
         # container id -> (monotonic time of the last check, its verdict)
         self._health: dict[str, tuple[float, str]] = {}
+        # SELinux options for service containers (the ai_semble_t type where it applies).
+        self.selinux = selinux.service_options()
+        self.firewall = Firewall()
+        self.secrets = PodmanSecrets(client, self._count)  # Kubernetes-style secrets
 
     # -- observing -------------------------------------------------------------------------
 
@@ -302,9 +312,22 @@ class PodmanDriver:
             raise PodmanUnavailable(f"{action.describe()}: podman does not answer: {exc}") from exc
 
     def _create_network(self, action: CreateNetwork) -> None:
-        self._count()
+        if action.bridge:
+            self.firewall.ensure()  # before any pod can join the network
+        payload: dict[str, Any] = {
+            "name": action.name,
+            "driver": "bridge",
+            "labels": action.labels,
+            "dns_enabled": True,
+            "internal": action.internal,
+            # netavark drops traffic between networks that both say so: no stack reaches
+            # another stack's pods on any of them.
+            "options": {"isolate": "true"},
+        }
+        if action.bridge:
+            payload["network_interface"] = action.bridge
         try:
-            self.client.networks.create(action.name, labels=action.labels, dns_enabled=True)
+            self._post("/networks/create", payload)
         except APIError as exc:
             if exc.status_code == 409:
                 self._require_ours(
@@ -326,6 +349,7 @@ class PodmanDriver:
         # Raw libpod calls: podman-py's helpers inspect after every create (two extra
         # round trips per pod) and silently drop CPU limits given as nano_cpus.
         t = action.template
+        self.firewall.ensure_once()
         try:
             pod_id = self._post("/pods/create", {"name": t.pod_name, **pod_payload(t)})["Id"]
         except APIError as exc:
@@ -350,9 +374,12 @@ class PodmanDriver:
             self.client.pods.remove(t.pod_name, force=True)
             pod_id = self._post("/pods/create", {"name": t.pod_name, **pod_payload(t)})["Id"]
         try:
-            created = self._post(
-                "/containers/create", container_payload(t, pod_id), not_found=ImageNotFound
+            payload = merge(
+                container_payload(t, pod_id),
+                confinement_payload(t, self._image_user(t), self.selinux),
             )
+            payload = self.secrets.deliver(payload, t)  # the secretKeyRef variables
+            created = self._post("/containers/create", payload, not_found=ImageNotFound)
             for warning in created.get("Warnings") or []:
                 # e.g. rootless on cgroups v1: "Resource limits are not supported and ignored"
                 log.warning("%s: podman: %s", t.container_name, warning)
@@ -364,6 +391,16 @@ class PodmanDriver:
             except APIError:
                 log.warning("could not remove half-created pod %s", t.pod_name)
             raise
+
+    def _image_user(self, t: PodTemplate) -> str:
+        """The USER the image is configured with ("" for root); only asked when it matters."""
+        c = t.confinement
+        if c is None or not c.non_root or c.run_as_user is not None:
+            return ""
+        self._count()
+        response = self.client.api.get(f"/images/{quote(t.image, safe='')}/json")
+        response.raise_for_status(not_found=ImageNotFound)
+        return str((response.json().get("Config") or {}).get("User") or "")
 
     def _post(
         self, path: str, payload: dict[str, Any] | None = None, not_found: type[APIError] = NotFound
@@ -381,6 +418,7 @@ class PodmanDriver:
         return body if isinstance(body, dict) else {"items": body}
 
     def _start_pod(self, action: StartPod) -> None:
+        self.firewall.ensure_once()
         self._count()
         try:
             self.client.pods.get(action.pod).start()
@@ -394,7 +432,10 @@ class PodmanDriver:
         self._remove(self.client.containers.remove, action.name, force=True)
 
     def _remove_network(self, action: RemoveNetwork) -> None:
-        self._remove(self.client.networks.remove, action.name)
+        if action.force:
+            self._remove(self.client.networks.remove, action.name, force=True)
+        else:
+            self._remove(self.client.networks.remove, action.name)
 
     def _remove_volume(self, action: RemoveVolume) -> None:
         self._remove(self.client.volumes.remove, action.name)
@@ -418,73 +459,6 @@ class PodmanDriver:
                 f"the {what} already exists and belongs to {who}; remove it or rename the stack",
                 permanent=True,
             )
-
-
-def pod_payload(t: PodTemplate) -> dict[str, Any]:
-    return {
-        "labels": t.label_dict,
-        "hostname": t.hostname,
-        "netns": {"nsmode": "bridge"},
-        # podman 4 and 5 both read this key capitalised.
-        "Networks": {t.network: {"aliases": list(t.aliases)}},
-        "portmappings": [
-            {
-                "host_ip": b.host_ip,
-                "host_port": b.host_port,
-                "container_port": b.container_port,
-                "protocol": b.protocol,
-            }
-            for b in t.ports
-        ],
-    }
-
-
-CPU_PERIOD = 100_000  # microseconds, the kernel's default CFS period
-RESTART_TRIES = 3
-
-
-def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
-    """libpod's SpecGenerator for the service's container."""
-    payload: dict[str, Any] = {
-        "name": t.container_name,
-        "pod": pod_id,
-        "image": t.image,
-        "labels": {**t.label_dict, naming.ROLE: naming.MAIN},
-        "env": dict(t.env),
-        # podman restarts a crashed process itself within a tenth of a second; past
-        # these tries the operator takes over, with back-off.
-        "restart_policy": "on-failure",
-        "restart_tries": RESTART_TRIES,
-        "stop_timeout": t.stop_timeout,
-        "volumes": [
-            {"Name": m.volume, "Dest": m.path, "Options": ["ro"] if m.read_only else []}
-            for m in t.mounts
-        ],
-    }
-    if t.devices:
-        payload["devices"] = [{"path": device} for device in t.devices]  # CDI names
-    if t.command is not None:
-        payload["entrypoint"] = list(t.command)
-    if t.args is not None:
-        payload["command"] = list(t.args)
-    limits: dict[str, Any] = {}
-    if t.nano_cpus:
-        limits["cpu"] = {"quota": t.nano_cpus * CPU_PERIOD // 10**9, "period": CPU_PERIOD}
-    if t.memory_bytes:
-        limits["memory"] = {"limit": t.memory_bytes}
-    if limits:
-        payload["resource_limits"] = limits
-    if t.probe is not None:
-        second = 10**9
-        payload["healthconfig"] = {
-            "Test": ["CMD-SHELL", t.probe.command],
-            "Interval": t.probe.interval * second,
-            "Timeout": t.probe.timeout * second,
-            "Retries": t.probe.retries,
-            "StartPeriod": t.probe.start_period * second,
-        }
-        payload["labels"][naming.HEALTH_INTERVAL] = str(t.probe.interval)
-    return payload
 
 
 # Failures that retrying cannot fix: a person must change the spec or the host.

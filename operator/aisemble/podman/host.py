@@ -19,8 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aisemble.podman import firewall
 from aisemble.podman.connection import connect
 from aisemble.podman.errors import PodmanUnavailable
+from aisemble.podman.selinux import (
+    SELINUX_INSTALL,
+    SELINUX_MODULE,
+    SELINUX_TYPE,
+    SELinuxStatus,
+    selinux_status,
+)
 
 MIN_VERSION = (4, 3)
 DROP_IN_NAME = "50-aisemble.conf"
@@ -282,11 +290,80 @@ def check_systemd() -> Check:
     )
 
 
+def check_selinux(status: SELinuxStatus | None = None) -> Check:
+    status = status if status is not None else selinux_status()
+    if status.mode == "disabled":
+        return Check("SELinux", True, "disabled on this host; AI-semble makes no SELinux claim")
+    if status.module_loaded is True:
+        return Check(
+            "SELinux",
+            True,
+            f"{status.mode}, module {SELINUX_MODULE} loaded: services run as {SELINUX_TYPE}",
+        )
+    mode = status.mode + ("" if status.mode == "enforcing" else " (nothing is enforced)")
+    if status.container_module is False:
+        # Without container_t podman cannot label any container, ours or not.
+        return Check(
+            "SELinux",
+            False,
+            f"{mode}, but the policy has no container module (no container_t): "
+            "podman cannot start labelled containers here",
+            "build and install refpolicy's container and podman modules, then ai_semble "
+            "(selinux/README.md, 'Debian 12')",
+            warning=True,
+        )
+    if status.module_loaded is None:
+        return Check(
+            "SELinux",
+            False,
+            f"{mode}, cannot tell whether module {SELINUX_MODULE} is loaded: "
+            "services run as podman's default container_t",
+            f"check as root: semodule -l | grep {SELINUX_MODULE}; install it with: {SELINUX_INSTALL}",
+            warning=True,
+        )
+    return Check(
+        "SELinux",
+        False,
+        f"{mode}, module {SELINUX_MODULE} missing: "
+        f"services run as podman's default container_t, not {SELINUX_TYPE}",
+        f"install it with: {SELINUX_INSTALL}",
+        warning=True,
+    )
+
+
+def check_firewall() -> Check:
+    """The nftables rules that keep stacks without egress on their network (firewall.py)."""
+    name = "Firewall"
+    if os.geteuid() != 0:
+        return Check(
+            name,
+            True,
+            "rootless: the host firewall is root's; exposed services of stacks without "
+            "egress keep a route off the host (docs/security.md)",
+        )
+    if firewall.installed():
+        return Check(name, True, f"table inet {firewall.TABLE} confines stacks without egress")
+
+    def install() -> str:
+        rules = firewall.Firewall()
+        return "rules installed" if rules.ensure() else f"not installed: {rules.problem}"
+
+    return Check(
+        name,
+        False,
+        f"table inet {firewall.TABLE} is not loaded (AI-semble loads it with the first pod it "
+        "creates or starts; a reboot clears it)",
+        "aisemble doctor --fix, or any aisemble apply/run",
+        apply_fix=install,
+        warning=True,
+    )
+
+
 def all_checks() -> list[Check]:
     installed = check_installed()
     if not installed.ok:
         return [installed]
     checks = [installed, check_containers_run(), check_dns()]
     checks += [c for c in (check_rootless(), check_rootless_limits()) if c is not None]
-    checks += [check_api(), check_systemd()]
+    checks += [check_api(), check_systemd(), check_selinux(), check_firewall()]
     return checks

@@ -148,7 +148,13 @@ class FileSource:
             )
         self.last_error = None
         self._report(changes, previous, revision)
-        return SyncOutcome(self.id, changes, manifests.skipped, revision=revision)
+        # Secrets belong in podman's secret store, put there by hand: `aisemble apply -f`
+        # or `aisemble secret create` (a repository is no place for their values).
+        skipped = manifests.skipped + [
+            s.skipped("secrets are stored by aisemble apply -f or aisemble secret create")
+            for s in manifests.secrets
+        ]
+        return SyncOutcome(self.id, changes, skipped, revision=revision)
 
     def _kept(self, previous: SourceSync | None) -> str:
         if previous is None or previous.revision is None:

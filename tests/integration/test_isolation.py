@@ -1,0 +1,169 @@
+"""Stacks cannot reach each other, nor off their network without egress: real podman.
+
+Each negative check has its control beside it: the same connection made where the
+isolation does not apply (a peer of the same stack, a stack with `egress: true`)
+succeeds, so a failure to connect proves the isolation, not a broken test.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from podman_helpers import Env, free_port, service, stack
+
+from aisemble.podman import firewall
+
+# A web server on port 8080 whose page says which service it is.
+SERVE = (
+    "trap 'exit 0' TERM; mkdir -p /tmp/www; echo {name} > /tmp/www/index.html; "
+    "httpd -f -p 8080 -h /tmp/www & wait"
+)
+
+
+def web(name: str, **fields: Any) -> dict[str, Any]:
+    return service(name, port=8080, command=["sh", "-c", SERVE.format(name=name)], **fields)
+
+
+def apply(env: Env, name: str, services: list[dict[str, Any]], **spec: Any) -> None:
+    result = env.cli("apply", "-f", env.write(f"{name}.yaml", stack(name, services, **spec)))
+    assert result.code == 0, result.text
+
+
+def container(env: Env, name: str, svc: str) -> str:
+    [found] = [
+        c["Names"][0]
+        for c in env.containers(name)
+        if c["Labels"].get("aisemble.io/service") == svc
+        and c["Labels"].get("aisemble.io/role") == "main"
+    ]
+    return found
+
+
+def connects(env: Env, name: str, svc: str, host: str, port: int) -> bool:
+    """Whether `svc` of stack `name` can open a TCP connection to host:port (3 s at most)."""
+    code, out = env.exec(
+        container(env, name, svc),
+        "sh",
+        "-c",
+        f"echo | nc -w 3 {host} {port} >/dev/null 2>&1 && echo open || echo closed",
+    )
+    assert out.strip() in ("open", "closed"), out
+    return out.strip() == "open"
+
+
+def address(env: Env, name: str, svc: str) -> list[str]:
+    attrs = env.client.containers.get(container(env, name, svc)).attrs
+    networks = attrs["NetworkSettings"]["Networks"] or {}
+    return [n["IPAddress"] for n in networks.values() if n.get("IPAddress")]
+
+
+def primary_address() -> str:
+    """The host's address on its default route (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("192.0.2.1", 9))
+        return sock.getsockname()[0]
+
+
+@pytest.fixture
+def host_server() -> Iterator[tuple[str, int]]:
+    """A server the host runs on all its addresses, as many host services do."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield primary_address(), server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_stack_cannot_reach_another_stack_by_ip_but_reaches_its_peers_by_name(
+    env: Env, stack_name: str
+) -> None:
+    a, b = f"{stack_name}-a", f"{stack_name}-b"
+    apply(env, a, [web("one"), web("two")])
+    apply(env, b, [web("one")])
+    [target] = address(env, b, "one")
+    assert connects(env, a, "one", "two", 8080)  # a peer of the same stack, by name
+    [peer] = address(env, a, "two")
+    assert connects(env, a, "one", peer, 8080)  # and by address
+    assert not connects(env, a, "one", target, 8080)
+    assert connects(env, b, "one", target, 8080)  # B's service does listen
+
+
+def test_without_egress_the_host_is_out_of_reach_with_egress_it_is_not(
+    env: Env, stack_name: str, host_server: tuple[str, int]
+) -> None:
+    host, port = host_server
+    closed, open_ = f"{stack_name}-c", f"{stack_name}-o"
+    apply(env, closed, [web("one")])
+    apply(env, open_, [web("one")], network={"egress": True})
+    assert not connects(env, closed, "one", host, port)
+    assert connects(env, open_, "one", host, port)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="rootless: the host firewall confining exposed pods needs root (rootless podman's "
+    "networks live in a namespace of its own; docs/rootless.md)",
+)
+
+
+@needs_root
+def test_an_exposed_service_answers_on_loopback_and_is_confined_all_the_same(
+    env: Env, stack_name: str, host_server: tuple[str, int]
+) -> None:
+    """The exposed pod sits on a second, routed network to publish its port; the host
+    firewall keeps it from the host and beyond, while its answers still get out."""
+    host, port = host_server
+    host_port = free_port()
+    apply(
+        env,
+        stack_name,
+        [web("gateway"), web("llm")],
+        expose=[{"service": "gateway", "hostPort": host_port}],
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=10) as response:
+        assert response.read().decode().strip() == "gateway"
+    assert connects(env, stack_name, "gateway", "llm", 8080)  # its peers, as before
+    assert len(address(env, stack_name, "gateway")) == 2  # the stack's network and the edge
+    assert firewall.installed()
+    assert not connects(env, stack_name, "gateway", host, port)
+    # The control: without the rules the edge's route off the host is open.
+    subprocess.run(["nft", "delete", "table", "inet", firewall.TABLE], check=True)
+    try:
+        assert connects(env, stack_name, "gateway", host, port)
+    finally:
+        assert firewall.Firewall().ensure()
+    assert not connects(env, stack_name, "gateway", host, port)
+
+
+@needs_root
+def test_exposed_services_of_two_stacks_cannot_reach_each_other(env: Env, stack_name: str) -> None:
+    a, b = f"{stack_name}-a", f"{stack_name}-b"
+    apply(env, a, [web("gateway")], expose=[{"service": "gateway", "hostPort": free_port()}])
+    apply(env, b, [web("gateway")], expose=[{"service": "gateway", "hostPort": free_port()}])
+    for target in address(env, b, "gateway"):  # B's stack and edge addresses alike
+        assert not connects(env, a, "gateway", target, 8080), target
+        assert connects(env, b, "gateway", target, 8080), target
+
+
+def test_turning_egress_on_recreates_the_network_and_brings_the_pods_back(
+    env: Env, stack_name: str, host_server: tuple[str, int]
+) -> None:
+    host, port = host_server
+    apply(env, stack_name, [web("one")])
+    assert not connects(env, stack_name, "one", host, port)
+    apply(env, stack_name, [web("one")], network={"egress": True})
+    assert connects(env, stack_name, "one", host, port)
+    [net] = env.client.networks.list(filters={"label": f"aisemble.io/stack={stack_name}"})
+    assert net.attrs["labels"]["aisemble.io/network-mode"] == "egress"
+    assert not net.attrs.get("internal")
