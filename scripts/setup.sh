@@ -3,8 +3,9 @@
 #   - podman and what it needs, where missing (apt on Debian/Ubuntu, dnf on Fedora);
 #   - a virtualenv in .venv with the aisemble package (--dev: with test tools);
 #   - only the podman fixes this host needs (`aisemble doctor --fix` detects them);
-#   - the tiny demo image, built locally (no registry needed).
-# Usage: ./scripts/setup.sh [--dev]
+#   - the tiny demo image, built locally (no registry needed);
+#   - with --rootless-user NAME: that user, ready for rootless podman and the tests.
+# Usage: ./scripts/setup.sh [--dev] [--rootless-user NAME]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -124,3 +125,14 @@ say "checking podman (aisemble doctor --fix)"
 
 say "building the tiny image"
 ./scripts/build-tiny-image.sh
+
+# --- rootless user (--rootless-user NAME) ------------------------------------------------
+# An ordinary user with rootless podman and a virtualenv of its own, for the integration
+# tests' rootless run (scripts/test-rootless.sh, which prepares it the same way).
+args=("$@")
+for i in "${!args[@]}"; do
+  if [[ "${args[i]}" == --rootless-user ]]; then
+    sudo_ ./scripts/setup-rootless-user.sh "${args[i + 1]:?--rootless-user needs a user name}"
+  fi
+done
+# --- end of rootless user -------------------------------------------------------------------

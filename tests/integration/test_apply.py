@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import pytest
 import yaml
-from podman_helpers import IDLE, Env, eventually, free_port, service, stack
+from podman_helpers import (
+    IDLE,
+    Env,
+    eventually,
+    free_port,
+    service,
+    stack,
+    unenforced_limits,
+)
 
 
 def _web(port: int = 8080) -> dict:
@@ -327,8 +336,10 @@ class TestContainerSpec:
         [container] = env.containers(stack_name)
         inspect = env.client.containers.get(container["Id"]).attrs
         host = inspect["HostConfig"]
-        assert host["CpuQuota"] == 50_000 and host["CpuPeriod"] == 100_000
-        assert host["Memory"] == 64 * 2**20
+        unenforced = unenforced_limits("cpu", "memory")
+        if unenforced is None:
+            assert host["CpuQuota"] == 50_000 and host["CpuPeriod"] == 100_000
+            assert host["Memory"] == 64 * 2**20
         assert "GREETING=hi there" in inspect["Config"]["Env"]
         assert inspect["Config"]["StopTimeout"] == 7
         [mount] = [m for m in inspect["Mounts"] if m["Destination"] == "/models"]
@@ -336,6 +347,8 @@ class TestContainerSpec:
         code, _ = env.exec(container["Names"][0], "touch", "/models/x")
         assert code != 0  # read-only
         assert [inspect["Path"], *inspect["Args"]] == IDLE
+        if unenforced is not None:
+            pytest.skip(f"cpu and memory limits not checked (the rest was): {unenforced}")
 
 
 class TestDoctor:

@@ -8,6 +8,7 @@ env variable of its own. The file is removed at the end, whatever happened.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ def fake_gpus(
             CDI_DIR.mkdir(parents=True, exist_ok=True)
             fake.write(list(range(count)))
         except PermissionError as exc:
-            pytest.skip(f"cannot write CDI specs in {CDI_DIR}: {exc}")
+            who = "rootless: podman's CDI spec directories are root's; " if os.geteuid() else ""
+            pytest.skip(f"{who}cannot write CDI specs in {CDI_DIR}: {exc}")
         return fake
 
     try:

@@ -98,7 +98,8 @@ class TestLifecycle:
         assert obj["metadata"].get("finalizers") == ["default.node.aisemble.io/finalizer"], obj
         before = mains(env, stack_name)
         assert set(before) == {"api", "worker"}
-        assert "StackReady" in [e["reason"] for e in cluster.events(stack_name)]
+        # The status is patched first and the event posted after it: wait for the event.
+        eventually(lambda: "StackReady" in [e["reason"] for e in cluster.events(stack_name)])
 
         # Only the changed service is recreated.
         changed = service("api", env=[{"name": "MODE", "value": "two"}])

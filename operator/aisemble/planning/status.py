@@ -43,6 +43,7 @@ FAILURE_REASONS = {
     "CreateFailed",
     "StartFailed",
     "PortInUse",
+    "PortForbidden",
     "NameConflict",
     "ContainerExited",
     CRASH_LOOP,

@@ -60,6 +60,7 @@ class PodmanDriver:
         # SELinux options for service containers (the ai_semble_t type where it applies).
         self.selinux = selinux.service_options()
         self.firewall = Firewall()
+        self._warned: set[str] = set()  # podman's warnings on container create, said once
         self.secrets = PodmanSecrets(client, self._count)  # Kubernetes-style secrets
 
     # -- observing -------------------------------------------------------------------------
@@ -382,7 +383,10 @@ class PodmanDriver:
             created = self._post("/containers/create", payload, not_found=ImageNotFound)
             for warning in created.get("Warnings") or []:
                 # e.g. rootless on cgroups v1: "Resource limits are not supported and ignored"
-                log.warning("%s: podman: %s", t.container_name, warning)
+                # (every container has a pids limit): said once, then only in debug logs.
+                seen = warning in self._warned
+                self._warned.add(warning)
+                (log.debug if seen else log.warning)("%s: podman: %s", t.container_name, warning)
             self._post(f"/pods/{pod_id}/start")
         except Exception:
             # Leave no half-made pod behind; the next pass would clean it up anyway.
@@ -466,6 +470,12 @@ _PERMANENT = (
     # podman 5 answers a missing image with 404 (ImageNotFound above), podman 4 with 500.
     ("image not known", "ImageNotFound", "build or pull the image"),
     ("address already in use", "PortInUse", "free the port or change expose.hostPort"),
+    (
+        "cannot expose privileged port",
+        "PortForbidden",
+        "rootless podman cannot bind host ports below net.ipv4.ip_unprivileged_port_start "
+        "(1024): use expose.hostPort 1024 or more, or lower that sysctl (docs/rootless.md)",
+    ),
     ("executable file not found", "StartFailed", "check the service's command"),
     ("no such file or directory", "StartFailed", "check the service's command and mounts"),
     ("permission denied", "StartFailed", "check the command's permissions"),
