@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from aisemble.planning.desired import render
 from aisemble.planning.observed import ObservedStack
 from aisemble.planning.planner import plan
 from aisemble.planning.security import FALLBACK_ID, confine, run_as
-from aisemble.podman.hardening import confinement_payload
+from aisemble.podman.hardening import SECCOMP_ENV, confinement_payload, seccomp_profile
 
 
 def resource(services: list[dict[str, Any]] | None = None, **spec: Any) -> AISemble:
@@ -211,3 +212,23 @@ class TestNetworks:
         [c] = render(resource(network={"egress": True}), "o").pods
         assert len({a.spec_hash, b.spec_hash, c.spec_hash}) == 3
         assert a.label_dict[naming.SECURITY_PROFILE] == "restricted"
+
+
+class TestSeccompProfilePath:
+    def test_the_packaged_profile_is_the_committed_one(self) -> None:
+        committed = Path(__file__).resolve().parents[2] / "seccomp" / "ai-semble.json"
+        assert Path(seccomp_profile()).read_bytes() == committed.read_bytes()
+
+    def test_an_override_path_gets_the_profile_and_gets_it_back(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The operator in a container writes it where the host's podman reads it."""
+        target = tmp_path / "host" / "ai-semble.json"
+        monkeypatch.setenv(SECCOMP_ENV, str(target))
+        assert seccomp_profile() == str(target)
+        packaged = target.read_bytes()
+        target.unlink()  # emptied while the operator runs
+        assert seccomp_profile() == str(target) and target.read_bytes() == packaged
+        target.write_text("{}")  # an older profile left there
+        seccomp_profile()
+        assert target.read_bytes() == packaged

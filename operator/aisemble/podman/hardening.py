@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +23,25 @@ from aisemble.planning.security import SECCOMP_AISEMBLE, run_as
 SECCOMP_ENV = "AISEMBLE_SECCOMP_PROFILE"
 
 
-@cache
 def seccomp_profile() -> str:
     """Where AI-semble's seccomp profile is: podman reads it when it creates a container."""
-    packaged = resources.files("aisemble.podman").joinpath("seccomp/ai-semble.json")
     override = os.environ.get(SECCOMP_ENV)
     if not override:
-        return str(packaged)
+        return str(_packaged())
     target = Path(override)
-    content = packaged.read_bytes()
+    content = _packaged().read_bytes()
+    # Checked at every container made: a host path may be emptied while the operator runs.
     if not target.is_file() or target.read_bytes() != content:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
         partial.write_bytes(content)
         partial.replace(target)  # podman never reads half a profile
-    return str(target.resolve())
+    return str(target)
+
+
+@cache
+def _packaged() -> Traversable:
+    return resources.files("aisemble.podman").joinpath("seccomp/ai-semble.json")
 
 
 def confinement_payload(
