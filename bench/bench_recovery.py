@@ -22,7 +22,10 @@ socket (no process per poll). Each service is killed at most once between two
 network removals, which re-create every container, so podman's restart
 policy (on-failure, 3 tries) never runs out and no crash-loop back-off kicks in.
 
-    python bench/bench_recovery.py [--trials 20] [--services 4]
+    python bench/bench_recovery.py [--trials 20] [--services 4] [--unconfined]
+
+`--unconfined` runs the stack as before the security profiles (privileged, with
+egress), to compare repair times with the default `restricted` profile.
 """
 
 from __future__ import annotations
@@ -185,6 +188,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--services", type=int, default=4)
+    parser.add_argument(
+        "--unconfined",
+        action="store_true",
+        help="the stack as before the security profiles: privileged, with egress",
+    )
     args = parser.parse_args()
     tag = uuid.uuid4().hex[:6]
     name = f"rec{tag}"
@@ -201,7 +209,7 @@ def main() -> None:
     api = PodmanAPI()
     with operator() as op:
         try:
-            keys = op.apply(stack_yaml(name, args.services))
+            keys = op.apply(stack_yaml(name, args.services, unconfined=args.unconfined))
             op.controller.converge(keys, timeout=120)
             pods = {p.service: p.name for p in op.driver.observe(keys).stack(keys[0]).pods}
             mains = {s: f"{pods[s]}-main" for s in sorted(pods)}
@@ -276,6 +284,7 @@ def main() -> None:
 
     result = {k: summary(v) for k, v in samples.items() if v}
     result["services"] = args.services
+    result["unconfined"] = args.unconfined
     result["net_rm_left_on_removed_network"] = stale
     result["poll_request"] = summary(looks)
     result["ratio_kill_vs_restart_always"] = result["kill"]["p50"] / result["kill_baseline"]["p50"]
@@ -311,7 +320,7 @@ def main() -> None:
         f"removed network (not noticed by the loop; repaired by hand, not timed)"
     )
     print(f"  one poll (inspect over the socket) p50 {r['poll_request']['p50'] * 1000:.1f} ms")
-    print(f"saved {save('recovery', result)}")
+    print(f"saved {save('recovery-unconfined' if args.unconfined else 'recovery', result)}")
 
 
 if __name__ == "__main__":
