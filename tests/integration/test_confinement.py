@@ -152,7 +152,7 @@ def test_the_project_s_seccomp_profile_denies_ptrace_and_unshare(
     env: Env, stack_name: str, base_image: str
 ) -> None:
     """In the base image (python3): EPERM under restricted, 0 under baseline (podman's own
-    profile), for the very same calls in the same image."""
+    profile) and in an unmanaged `podman run`, for the very same calls in the same image."""
     results = {}
     for profile in ("restricted", "baseline"):
         name = f"{stack_name}-{profile[0]}"
@@ -165,8 +165,18 @@ def test_the_project_s_seccomp_profile_denies_ptrace_and_unshare(
         code, out = env.exec(main_container(env, name), "python3", "-c", SYSCALLS)
         assert code == 0, out
         results[profile] = json.loads(out.strip().splitlines()[-1])
+    # And the same image in a plain, unmanaged `podman run`: podman's defaults allow both.
+    plain = subprocess.run(
+        ["podman", "run", "--rm", base_image, "python3", "-c", SYSCALLS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert plain.returncode == 0, plain.stderr
+    results["unmanaged"] = json.loads(plain.stdout.strip().splitlines()[-1])
     assert results["restricted"] == {"ptrace": [-1, EPERM], "unshare": [-1, EPERM]}
     assert results["baseline"] == {"ptrace": [0, 0], "unshare": [0, 0]}
+    assert results["unmanaged"] == {"ptrace": [0, 0], "unshare": [0, 0]}
 
 
 class TestServiceOverrides:
