@@ -67,12 +67,12 @@ def address(env: Env, name: str, svc: str) -> list[str]:
 
 def reaches_host(env: Env, name: str, svc: str, host: tuple[str, int]) -> bool:
     """Whether `svc` reaches the host's server by any of its addresses: its primary one, or
-    podman's name for the host. Rootless podman 5 (pasta) gives the container the host's
-    own address, so there the host is reached only as host.containers.internal."""
+    a name podman gives the host. Rootless podman 5 (pasta) gives the container's network
+    the host's own address, so there the host is reached only through the address pasta
+    maps to it (169.254.1.2, named host.docker.internal in /etc/hosts)."""
     address, port = host
-    return connects(env, name, svc, address, port) or connects(
-        env, name, svc, "host.containers.internal", port
-    )
+    names = (address, "host.containers.internal", "host.docker.internal")
+    return any(connects(env, name, svc, n, port) for n in names)
 
 
 def primary_address() -> str:
