@@ -156,6 +156,16 @@ class Env:
         found = self.client.containers.list(all=True, filters={"label": label})
         return [c.attrs for c in found if not c.attrs.get("IsInfra")]
 
+    def main_container(self, stack: str, service: str) -> str:
+        """The name of the one service container of `service` in `stack`."""
+        [name] = [
+            c["Names"][0]
+            for c in self.containers(stack)
+            if c["Labels"].get("aisemble.io/service") == service
+            and c["Labels"].get("aisemble.io/role") == "main"
+        ]
+        return name
+
     def networks(self, stack: str) -> list[str]:
         label = f"aisemble.io/stack={stack}"
         return [n.name for n in self.client.networks.list(filters={"label": label})]

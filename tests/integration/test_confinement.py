@@ -59,13 +59,7 @@ def apply(env: Env, name: str, services: list[dict[str, Any]], **spec: Any) -> N
 
 
 def main_container(env: Env, name: str, svc: str = "a") -> str:
-    [container] = [
-        c["Names"][0]
-        for c in env.containers(name)
-        if c["Labels"].get("aisemble.io/service") == svc
-        and c["Labels"].get("aisemble.io/role") == "main"
-    ]
-    return container
+    return env.main_container(name, svc)
 
 
 def inside(env: Env, name: str, command: str, svc: str = "a") -> tuple[int, str]:

@@ -37,20 +37,10 @@ def apply(env: Env, name: str, services: list[dict[str, Any]], **spec: Any) -> N
     assert result.code == 0, result.text
 
 
-def container(env: Env, name: str, svc: str) -> str:
-    [found] = [
-        c["Names"][0]
-        for c in env.containers(name)
-        if c["Labels"].get("aisemble.io/service") == svc
-        and c["Labels"].get("aisemble.io/role") == "main"
-    ]
-    return found
-
-
 def connects(env: Env, name: str, svc: str, host: str, port: int) -> bool:
     """Whether `svc` of stack `name` can open a TCP connection to host:port (3 s at most)."""
     code, out = env.exec(
-        container(env, name, svc),
+        env.main_container(name, svc),
         "sh",
         "-c",
         f"echo | nc -w 3 {host} {port} >/dev/null 2>&1 && echo open || echo closed",
@@ -60,7 +50,7 @@ def connects(env: Env, name: str, svc: str, host: str, port: int) -> bool:
 
 
 def address(env: Env, name: str, svc: str) -> list[str]:
-    attrs = env.client.containers.get(container(env, name, svc)).attrs
+    attrs = env.client.containers.get(env.main_container(name, svc)).attrs
     networks = attrs["NetworkSettings"]["Networks"] or {}
     return [n["IPAddress"] for n in networks.values() if n.get("IPAddress")]
 
