@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from aisemble.model.base import StrictModel
+
 # A DNS subdomain, as Kubernetes names Secrets; podman 4.3 takes at most 64 characters.
 SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SECRET_NAME_MAX = 64
@@ -121,4 +123,29 @@ class Secret(BaseModel):
         )
 
 
-__all__ = ["SECRET_KEY", "SECRET_NAME", "Secret", "SecretKey", "SecretMeta", "SecretName"]
+class SecretKeySelector(StrictModel):
+    """One key of a secret (`aisemble secret create`, or a `kind: Secret` document)."""
+
+    name: SecretName = Field(description="Name of the secret.")
+    key: SecretKey = Field(description="The key whose value the variable takes.")
+
+
+class EnvVarSource(StrictModel):
+    """Where a variable's value comes from, as in Kubernetes."""
+
+    secretKeyRef: SecretKeySelector = Field(
+        description="A key of a secret: the value stays in podman's secret store; the "
+        "container gets it when it starts, and it shows nowhere else."
+    )
+
+
+__all__ = [
+    "SECRET_KEY",
+    "SECRET_NAME",
+    "EnvVarSource",
+    "Secret",
+    "SecretKey",
+    "SecretKeySelector",
+    "SecretMeta",
+    "SecretName",
+]

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from aisemble.model.base import StrictModel
 from aisemble.model.quantity import parse_cpu, parse_memory
-from aisemble.model.secret import SecretKey, SecretName
+from aisemble.model.secret import EnvVarSource
 from aisemble.model.security import (
     SecurityContext,
     StackNetwork,
@@ -41,22 +41,6 @@ CdiName = Annotated[
 ]
 # Lists keyed by a field merge item by item under server-side apply.
 LIST_MAP_BY_NAME = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
-
-
-class SecretKeySelector(StrictModel):
-    """One key of a secret (`aisemble secret create`, or a `kind: Secret` document)."""
-
-    name: SecretName = Field(description="Name of the secret.")
-    key: SecretKey = Field(description="The key whose value the variable takes.")
-
-
-class EnvVarSource(StrictModel):
-    """Where a variable's value comes from, as in Kubernetes."""
-
-    secretKeyRef: SecretKeySelector = Field(
-        description="A key of a secret: the value stays in podman's secret store; the "
-        "container gets it when it starts, and it shows nowhere else."
-    )
 
 
 class EnvVar(StrictModel):
@@ -495,12 +479,10 @@ def _reject_duplicates(values: list[str], what: str, path: str | None = None) ->
 __all__ = [
     "AISembleSpec",
     "EnvVar",
-    "EnvVarSource",
     "Expose",
     "HealthCheck",
     "HttpCheck",
     "Resources",
-    "SecretKeySelector",
     "Service",
     "SpecError",
     "Volume",
