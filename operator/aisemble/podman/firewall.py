@@ -78,7 +78,7 @@ class Firewall:
     def _install(self) -> str | None:
         if os.geteuid() != 0:
             return "rootless podman: host firewall rules need root"
-        nft = self._nft or shutil.which("nft") or _sbin("nft")
+        nft = self._nft or _which("nft")
         if nft is None:
             return "nft is not installed (apt-get install nftables)"
         # Declaring the table first makes the delete succeed when it is absent.
@@ -96,16 +96,13 @@ class Firewall:
 
 def installed(nft: str = "nft") -> bool:
     """Whether the table is in the host's ruleset now (for doctor and tests)."""
-    path = shutil.which(nft) or _sbin(nft)
+    path = _which(nft)
     if path is None:
         return False
     proc = subprocess.run([path, "list", "table", "inet", TABLE], capture_output=True, timeout=30)
     return proc.returncode == 0
 
 
-def _sbin(name: str) -> str | None:
-    for directory in ("/usr/sbin", "/sbin"):
-        path = os.path.join(directory, name)
-        if os.access(path, os.X_OK):
-            return path
-    return None
+def _which(name: str) -> str | None:
+    """`name` on PATH or in the sbin directories users' PATH often lacks."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin:/sbin"]))
