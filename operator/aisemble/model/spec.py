@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from aisemble.model.base import StrictModel
+from aisemble.model.probes import Probe
 from aisemble.model.quantity import parse_cpu, parse_memory
 from aisemble.model.secret import EnvVarSource
 from aisemble.model.security import (
@@ -23,6 +24,8 @@ from aisemble.model.security import (
     TmpfsMount,
     profile_refusal,
 )
+
+DEFAULT_MIN_READY_SECONDS = 5  # a replica without a readiness probe must stay up this long
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
@@ -220,8 +223,32 @@ class Service(StrictModel):
     )
     healthcheck: HealthCheck | None = Field(
         None,
-        description="How to tell that a replica is ready. Without one, a running process is "
-        "ready. Only ready replicas count, and dependents wait for them.",
+        description="The older way to give a readiness probe (still honoured; use "
+        "readinessProbe in new specs).",
+    )
+    readinessProbe: Probe | None = Field(
+        None,
+        description="When a replica is ready: only ready replicas count, receive traffic from "
+        "exposed ports, and let dependents start. Without one, a replica that has kept running "
+        "for minReadySeconds is ready.",
+    )
+    livenessProbe: Probe | None = Field(
+        None,
+        description="When a replica is alive: one that fails it failureThreshold times in a "
+        "row is restarted.",
+    )
+    startupProbe: Probe | None = Field(
+        None,
+        description="When a replica has started (a model loaded): until it passes, the other "
+        "probes wait; failing it failureThreshold times in a row restarts the replica.",
+    )
+    minReadySeconds: int | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="Seconds a replica must keep running (and pass its readiness probe) before "
+        f"it counts as ready. Default: {DEFAULT_MIN_READY_SECONDS} without a readiness probe, "
+        "0 with one.",
     )
     terminationGracePeriodSeconds: int = Field(
         10,
@@ -239,6 +266,29 @@ class Service(StrictModel):
         description="Writable in-memory directories besides `/tmp`, for images that write "
         "elsewhere under a read-only root filesystem.",
     )
+
+    @model_validator(mode="after")
+    def _probes_complete(self) -> Service:
+        if self.healthcheck is not None and self.readinessProbe is not None:
+            raise SpecError(
+                "readinessProbe", "give readinessProbe or healthcheck (the older form), not both"
+            )
+        probes = {
+            "readinessProbe": self.readinessProbe,
+            "livenessProbe": self.livenessProbe,
+            "startupProbe": self.startupProbe,
+        }
+        for field, probe in probes.items():
+            if probe is None:
+                continue
+            if probe.needs_port and self.port is None:
+                handler = "httpGet" if probe.httpGet else "tcpSocket"
+                raise SpecError(
+                    f"{field}.{handler}.port", f"service {self.name!r} has no port; set one here"
+                )
+            if field != "readinessProbe" and probe.successThreshold != 1:
+                raise SpecError(f"{field}.successThreshold", "must be 1 for this probe")
+        return self
 
     @field_validator("env")
     @classmethod

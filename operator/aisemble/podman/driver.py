@@ -39,7 +39,7 @@ from aisemble.planning.actions import (
 from aisemble.planning.desired import PodTemplate
 from aisemble.planning.observed import Observed, ObservedContainer, ObservedPod
 from aisemble.podman import selinux
-from aisemble.podman.errors import ActionFailed, PodmanUnavailable
+from aisemble.podman.errors import ActionFailed, PodmanUnavailable, classify, explain
 from aisemble.podman.firewall import Firewall
 from aisemble.podman.hardening import confinement_payload, merge
 from aisemble.podman.payloads import container_payload, pod_payload
@@ -306,9 +306,9 @@ class PodmanDriver:
         except ActionFailed:
             raise
         except ImageNotFound as exc:
-            raise ActionFailed("ImageNotFound", _explain(exc), permanent=True) from exc
+            raise ActionFailed("ImageNotFound", explain(exc), permanent=True) from exc
         except APIError as exc:
-            raise _classify(action, exc) from exc
+            raise classify(action.describe(), action.failed, exc) from exc
         except Exception as exc:
             raise PodmanUnavailable(f"{action.describe()}: podman does not answer: {exc}") from exc
 
@@ -342,7 +342,7 @@ class PodmanDriver:
         try:
             self.client.volumes.create(action.name, labels=action.labels)
         except APIError as exc:
-            if exc.status_code in (409, 500) and "exists" in _explain(exc):
+            if exc.status_code in (409, 500) and "exists" in explain(exc):
                 return  # a volume outlives stores; keeping the data is the point
             raise
 
@@ -463,38 +463,6 @@ class PodmanDriver:
                 f"the {what} already exists and belongs to {who}; remove it or rename the stack",
                 permanent=True,
             )
-
-
-# Failures that retrying cannot fix: a person must change the spec or the host.
-_PERMANENT = (
-    # podman 5 answers a missing image with 404 (ImageNotFound above), podman 4 with 500.
-    ("image not known", "ImageNotFound", "build or pull the image"),
-    ("address already in use", "PortInUse", "free the port or change expose.hostPort"),
-    (
-        "cannot expose privileged port",
-        "PortForbidden",
-        "rootless podman cannot bind host ports below net.ipv4.ip_unprivileged_port_start "
-        "(1024): use expose.hostPort 1024 or more, or lower that sysctl (docs/rootless.md)",
-    ),
-    ("executable file not found", "StartFailed", "check the service's command"),
-    ("no such file or directory", "StartFailed", "check the service's command and mounts"),
-    ("permission denied", "StartFailed", "check the command's permissions"),
-)
-
-
-def _classify(action: Action, exc: APIError) -> ActionFailed:
-    text = _explain(exc)
-    for needle, reason, hint in _PERMANENT:
-        if needle in text.lower():
-            return ActionFailed(reason, f"{action.describe()}: {text}; {hint}", permanent=True)
-    return ActionFailed(action.failed, f"{action.describe()}: {text}")
-
-
-def _explain(exc: APIError) -> str:
-    text = exc.explanation or str(exc)
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return str(text).strip()
 
 
 def _from_unix(value: Any) -> datetime | None:
