@@ -31,7 +31,11 @@ class ExecAction(StrictModel):
 class HTTPHeader(StrictModel):
     """One header sent with an HTTP probe."""
 
-    name: str = Field(min_length=1, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+        description="Header name.",
+    )
     value: str = Field("", description="Its value.")
 
 
