@@ -309,3 +309,46 @@ class TestSync:
         assert outcome.busy and "another process is syncing" in outcome.error
         assert store.list() == []
         assert git.sync().changes[0].verb == "created"
+
+
+class TestEmptiedFiles:
+    """A commit is atomic, so a removed file prunes; a file emptied by mistake does not."""
+
+    def test_a_file_emptied_by_a_commit_keeps_its_stacks_and_a_removed_one_prunes(
+        self, repo: GitRepo, store: Store, caplog
+    ) -> None:
+        repo.write("stacks/a.yaml", stack("a1"), stack("a2"))
+        repo.write("stacks/b.yaml", stack("b"))
+        repo.write("stacks/c.yaml", stack("c"))
+        repo.commit()
+        source(repo, store).sync()
+        repo.write_text("stacks/a.yaml", "# emptied by mistake\n")
+        repo.remove("stacks/b.yaml")
+        emptied = repo.commit()
+        git = source(repo, store)  # a new process: it reads what the applied commit declared
+        with caplog.at_level("WARNING", logger="aisemble.sources"):
+            outcome = git.sync()
+        assert sorted((c.key.name, c.verb) for c in outcome.changes) == [
+            ("a1", "unchanged"),
+            ("a2", "unchanged"),
+            ("b", "deleted"),
+            ("c", "unchanged"),
+        ]
+        assert names(store, git.id) == ["a1", "a2", "c"]
+        assert f"commit {emptied[:12]}: stacks/a.yaml: it holds no documents" in outcome.error
+        assert "default/a1, default/a2 stay as they were" in outcome.error
+        warned = [r.getMessage() for r in caplog.records]
+        assert (
+            f"{git.id}: stack default/b deleted: no file declares it now "
+            "(it came from stacks/b.yaml)" in warned
+        )
+        record = store.source_sync(git.id)
+        assert record.revision == emptied and record.error == outcome.error
+
+        assert git.sync().error == outcome.error  # the same commit: still reported
+        assert store.source_sync(git.id).error == outcome.error
+        repo.remove("stacks/a.yaml")  # removed on purpose: now they go
+        repo.commit()
+        outcome = git.sync()
+        assert outcome.error is None and names(store, git.id) == ["c"]
+        assert store.source_sync(git.id).error is None

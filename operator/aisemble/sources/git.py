@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aisemble.loading import YAML_SUFFIXES, Manifests, Problem, load_texts
+from aisemble.loading import YAML_SUFFIXES, ManifestError, Manifests, Problem, load_texts
+from aisemble.model import StackKey
 from aisemble.sources.store import Store
 from aisemble.sources.syncing import FileSource, SourceError
 
@@ -339,7 +340,7 @@ class GitSource(FileSource):
             self.mirror.fetch(head=self.spec.ref == DEFAULT_REF)
             return self.mirror.resolve(self.spec.ref)
 
-    def load(self, revision: str | None) -> Manifests:
+    def load(self, revision: str | None) -> tuple[Manifests, list[str]]:
         assert revision is not None
         files, self.notes = self.mirror.files(revision, self.spec.path)
         for note in self.notes:
@@ -353,7 +354,19 @@ class GitSource(FileSource):
                 texts.append((name, data.decode("utf-8")))
             except UnicodeDecodeError as exc:
                 problems.append(Problem(name, f"not UTF-8 text: {exc}"))
-        return load_texts(texts, problems)
+        return load_texts(texts, problems), [name for name, _ in files]
+
+    def origins(self, revision: str | None) -> dict[StackKey, str]:
+        """What this process applied, or else what the commit `revision` declares."""
+        known = super().origins(revision)
+        if known or revision is None:
+            return known
+        try:
+            files, _ = self.mirror.files(revision, self.spec.path)  # objects: no lock needed
+            manifests = load_texts((name, data.decode("utf-8")) for name, data in files)
+        except (SourceError, ManifestError, UnicodeDecodeError):
+            return {}  # then the stacks' files are not known: see FileSource
+        return {d.key: d.source for d in manifests.documents}
 
     def describe(self, revision: str) -> str:
         return f"commit {revision[:12]}"
