@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from aisemble.model import (
     SpecError,
     StackKey,
 )
+from aisemble.model.checks import HostPort, host_bindings, host_ports_clash, spec_problems
 from aisemble.model.secret import Secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -79,10 +80,15 @@ class Document:
     index: int
     line: int
     resource: AISemble
+    node: Any = field(default=None, compare=False, repr=False)  # its YAML, for positions
 
     @property
     def key(self) -> StackKey:
         return self.resource.key
+
+    def line_of(self, path: str) -> int | None:
+        """The line of a field (`spec.expose[0].hostPort`), if the document came as YAML."""
+        return _line_of(self.node, _parse_path(path))
 
 
 @dataclass(frozen=True)
@@ -169,13 +175,9 @@ def load_object(data: dict[str, Any], source: str) -> AISemble:
     field path; there are no lines to give. Fields the API server adds are dropped first."""
     body = {k: data[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in data}
     name = str((body.get("metadata") or {}).get("name", "?"))
-    try:
-        resource = AISemble.model_validate(body)
-    except pydantic.ValidationError as exc:
-        raise ManifestError(_explain(exc, None, source, None, f"{KIND} {name}")) from None
-    wrong = _annotation_problems(resource, None, source, None)
-    if wrong:
-        raise ManifestError(wrong)
+    resource, problems = _validate(body, None, source, None, f"{KIND} {name}")
+    if resource is None:
+        raise ManifestError(problems)
     return resource
 
 
@@ -190,22 +192,10 @@ def yaml_files(directory: Path, recursive: bool = False) -> list[Path]:
 
 def _load_all(texts: list[tuple[str, str]], problems: list[Problem]) -> Manifests:
     result = Manifests()
+    claims: list[Claims] = []
     for source, text in texts:
-        _load_one(source, text, result, problems)
-    seen: dict[StackKey, Document] = {}
-    for doc in result.documents:
-        if doc.key in seen:
-            first = seen[doc.key]
-            problems.append(
-                Problem(
-                    doc.source,
-                    f"{KIND} {doc.key} is declared twice; first at {first.source} "
-                    f"document {first.index} (line {first.line})",
-                    document=doc.index,
-                    line=doc.line,
-                )
-            )
-        seen.setdefault(doc.key, doc)
+        _load_one(source, text, result, problems, claims)
+    problems.extend(_across_documents(claims))
     named: dict[str, SecretDocument] = {}
     for sd in result.secrets:
         first = named.setdefault(sd.secret.name, sd)
@@ -214,11 +204,72 @@ def _load_all(texts: list[tuple[str, str]], problems: list[Problem]) -> Manifest
             twice += f"document {first.index} (line {first.line})"
             problems.append(Problem(sd.source, twice, document=sd.index, line=sd.line))
     if problems:
+        files = {p.source: i for i, p in reversed(list(enumerate(problems)))}
+        problems.sort(key=lambda p: (files[p.source], p.document or 0, p.line or 0))
         raise ManifestError(problems)
     return result
 
 
-def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]) -> None:
+@dataclass(frozen=True)
+class Claims:
+    """What an AISemble document claims, read from its data even when that is invalid:
+    its stack, and its host ports (expose index, binding, line, column)."""
+
+    source: str
+    index: int
+    line: int
+    name: str
+    key: StackKey | None
+    ports: list[tuple[int, HostPort, int | None, int | None]]
+
+    @classmethod
+    def of(cls, source: str, index: int, name: str, node: Any, data: Mapping) -> Claims:
+        meta, spec, key = data.get("metadata"), data.get("spec"), None
+        if isinstance(meta, Mapping) and isinstance(meta.get("name"), str):
+            namespace = meta.get("namespace", "default")
+            key = StackKey(namespace, meta["name"]) if isinstance(namespace, str) else None
+        bindings = host_bindings(spec) if isinstance(spec, Mapping) else []
+        ports = [(i, b, *_position(node, ("spec", "expose", i, "hostPort"))) for i, b in bindings]
+        return cls(source, index, node.start_mark.line + 1, name, key, ports)
+
+
+def _across_documents(claims: list[Claims]) -> list[Problem]:
+    """A stack declared twice, and a host port two stacks claim, whatever else is wrong."""
+    problems = []
+    seen: dict[StackKey, Claims] = {}
+    taken: list[tuple[HostPort, str]] = []  # binding, where it is claimed
+    for doc in claims:
+        first = seen.setdefault(doc.key, doc) if doc.key is not None else doc
+        if first is not doc:  # its host ports are its twin's: one problem says enough
+            twice = f"{KIND} {doc.key} is declared twice; first at {first.source} "
+            twice += f"document {first.index} (line {first.line})"
+            problems.append(Problem(doc.source, twice, document=doc.index, line=doc.line))
+            continue
+        for i, binding, line, column in doc.ports:
+            by = next((where for other, where in taken if host_ports_clash(binding, other)), None)
+            if by is not None:
+                problems.append(
+                    Problem(
+                        doc.source,
+                        f"host port {binding[1]}/{binding[2]} on {binding[0]} is already "
+                        f"claimed by {by}",
+                        doc.index,
+                        f"{KIND} {doc.name}",
+                        f"spec.expose[{i}].hostPort",
+                        line,
+                        column,
+                    )
+                )
+        for i, binding, line, _ in doc.ports:
+            where = f"{doc.source} document {doc.index} ({KIND} {doc.key or doc.name}), "
+            where += f"spec.expose[{i}].hostPort" + (f" (line {line})" if line else "")
+            taken.append((binding, where))
+    return problems
+
+
+def _load_one(
+    source: str, text: str, result: Manifests, problems: list[Problem], claims: list[Claims]
+) -> None:
     for index, node, data, error in _documents(source, text):
         if error is not None:
             problems.append(error)
@@ -265,6 +316,7 @@ def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]
         if kind != KIND:
             result.skipped.append(Skipped(source, index, str(kind), str(name)))
             continue
+        claims.append(Claims.of(source, index, str(name), node, data))
         if api_version != API_VERSION:
             if str(api_version).startswith(GROUP + "/"):
                 message = f"apiVersion {api_version} is not served; use {API_VERSION}"
@@ -280,37 +332,46 @@ def _load_one(source: str, text: str, result: Manifests, problems: list[Problem]
                     line=_line_of(node, ("apiVersion",)),
                 )
             )
-            continue
-        try:
-            resource = AISemble.model_validate(data)
-        except pydantic.ValidationError as exc:
-            problems.extend(_explain(exc, node, source, index, f"{KIND} {name}"))
-            continue
-        wrong = _annotation_problems(resource, node, source, index)
-        if wrong:
-            problems.extend(wrong)
-            continue
-        result.documents.append(Document(source, index, line, resource))
+            data = {**data, "apiVersion": API_VERSION}  # what else is wrong, all the same
+        resource, found = _validate(data, node, source, index, f"{KIND} {name}")
+        problems.extend(found)
+        if resource is not None and api_version == API_VERSION:
+            result.documents.append(Document(source, index, line, resource, node))
 
 
-def _annotation_problems(
-    resource: AISemble, node: Any, source: str, index: int | None
-) -> list[Problem]:
-    """The annotations AI-semble reads must say something it understands."""
-    suspend = resource.metadata.annotations.get(SUSPEND_ANNOTATION)
-    if suspend is None or suspend.strip().lower() in ("true", "false"):
-        return []
-    loc = ("metadata", "annotations", SUSPEND_ANNOTATION)
-    return [
-        Problem(
-            source,
-            f'must be "true" or "false", not {suspend!r}',
-            document=index,
-            resource=f"{KIND} {resource.metadata.name}",
-            path=format_path(loc),
-            line=_line_of(node, loc),
+def _validate(
+    data: Mapping[str, Any], node: Any, source: str, index: int | None, resource: str
+) -> tuple[AISemble | None, list[Problem]]:
+    """The AISemble `data` holds, or None and every problem found in it: the schema's, and
+    those the spec's checks find in what parsed (its validator reports only the first)."""
+    try:
+        parsed: AISemble | None = AISemble.model_validate(data)
+        problems: list[Problem] = []
+    except pydantic.ValidationError as exc:
+        parsed, problems = None, _explain(exc, node, source, index, resource)
+        spec = data.get("spec")
+        for found in spec_problems(spec) if isinstance(spec, Mapping) else []:
+            loc = ("spec", *_parse_path(found.path))
+            path = format_path(loc)
+            if not any(_within(path, p.path) for p in problems):
+                line, column = _position(node, loc)
+                problems.append(Problem(source, found.message, index, resource, path, line, column))
+    meta = data.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    suspend = annotations.get(SUSPEND_ANNOTATION) if isinstance(annotations, Mapping) else None
+    if isinstance(suspend, str) and suspend.strip().lower() not in ("true", "false"):
+        # The annotations AI-semble reads must say something it understands.
+        loc = ("metadata", "annotations", SUSPEND_ANNOTATION)
+        message = f'must be "true" or "false", not {suspend!r}'
+        problems.append(
+            Problem(source, message, index, resource, format_path(loc), _line_of(node, loc))
         )
-    ]
+    return (parsed if not problems else None), problems
+
+
+def _within(path: str, broken: str | None) -> bool:
+    """`path` is the field `broken` or inside it: the schema's error there says enough."""
+    return broken is not None and (path == broken or path.startswith((broken + ".", broken + "[")))
 
 
 def _documents(source: str, text: str) -> Iterator[tuple[int, Any, Any, Problem | None]]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from aisemble.cli.main import build_parser
+from aisemble.cli.main import build_parser, main
 from aisemble.cli.printing import age, parse_duration, table
+from aisemble.loading import load_text
+from aisemble.sources.store import Store
 
 
 @pytest.mark.parametrize(
@@ -68,3 +71,46 @@ def test_tables_pad_columns() -> None:
         "lab             Ready",
         "a-longer-name",
     ]
+
+
+STACK = """\
+apiVersion: aisemble.io/v1alpha1
+kind: AISemble
+metadata:
+  name: {name}
+spec:
+  services:
+    - name: web
+      image: img
+      port: 80
+  expose:
+    - service: web
+      hostPort: 8080
+"""
+
+
+def test_a_host_port_another_stack_holds_is_refused_at_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    store = Store(state)
+    store.apply(load_text(STACK.format(name="first"), "first.yaml").documents)
+    store.close()
+    second = tmp_path / "second.yaml"
+    second.write_text("# the second stack\n" + STACK.format(name="second"))
+    refusal = (
+        f"error: {second}: document 1 (AISemble second): spec.expose[0].hostPort (line 13): "
+        "host port 8080/tcp on 127.0.0.1 is already claimed by stored stack default/first"
+    )
+    for command in (["apply", "--dry-run"], ["diff"]):
+        code = main(["--state-dir", str(state), *command, "-f", str(second)])
+        out, err = capsys.readouterr()
+        assert code == (1 if command[0] == "apply" else 2)
+        assert refusal in err.splitlines()
+        assert "pod" not in out  # no plan for what would be refused
+
+
+def test_delete_takes_ignore_not_found() -> None:
+    args = build_parser().parse_args(["delete", "a", "b", "--ignore-not-found"])
+    assert (args.names, args.ignore_not_found) == (["a", "b"], True)
+    assert build_parser().parse_args(["delete", "a"]).ignore_not_found is False

@@ -273,3 +273,16 @@ def test_a_store_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
     again.pin(KEY, 1)
     assert again.get(KEY).pinned == 1
     again.close()
+
+
+def test_a_refused_host_port_names_the_stack_and_field_it_is_about(store: Store) -> None:
+    store.apply(docs("a", host_port=8080))
+    with pytest.raises(StoreError) as info:
+        store.apply(docs("b") + docs("c", host_port=8080))
+    assert info.value.refusals == [
+        (
+            StackKey("default", "c"),
+            "spec.expose[0].hostPort",
+            "host port 8080/tcp on 127.0.0.1 is already claimed by stored stack default/a",
+        )
+    ]

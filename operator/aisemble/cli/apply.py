@@ -1,10 +1,11 @@
-"""`apply`, `diff` and `delete`: change the desired state and converge to it."""
+"""`apply` and `diff`: change the desired state and converge to it, or show how it would."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -13,8 +14,8 @@ import yaml
 from aisemble.cli import secret as secret_cli
 from aisemble.cli.printing import error, note
 from aisemble.cli.session import Session
-from aisemble.loading import ManifestError, Manifests, load_paths
-from aisemble.model import AISemble, Phase, StackKey
+from aisemble.loading import ManifestError, Manifests, Problem, load_paths
+from aisemble.model import KIND, AISemble, Phase, StackKey
 from aisemble.planning import gpu
 from aisemble.podman.cdi import Inventory
 from aisemble.podman.errors import PodmanUnavailable
@@ -30,6 +31,7 @@ class ProgressPrinter:
         self.out = out or sys.stdout
         self.seen: dict[StackKey, str] = {}
         self.started = time.monotonic()
+        self._lock = threading.Lock()  # stacks may converge side by side (delete)
 
     def step(self, outcome: StepOutcome) -> None:
         mark = "+" if outcome.ok else "!"
@@ -52,8 +54,9 @@ class ProgressPrinter:
             self._print(f"  {report.key}: {summary}")
 
     def _print(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
+        with self._lock:
+            self.out.write(line + "\n")
+            self.out.flush()
 
 
 def load(args: argparse.Namespace) -> Manifests | None:
@@ -72,7 +75,7 @@ def load(args: argparse.Namespace) -> Manifests | None:
     return manifests
 
 
-def check_gpus(manifests: Manifests) -> bool:
+def check_gpus(manifests: Manifests, outcome: str = "nothing was applied") -> bool:
     """Requests no host state could ever meet are input errors: refused before storing."""
     requests = [
         (doc, request)
@@ -100,8 +103,21 @@ def check_gpus(manifests: Manifests) -> bool:
     if problems:
         for unreadable in host.problems:  # perhaps why a device is missing
             note(f"warning: {unreadable}")
-        note(f"{len(problems)} problem(s) found; nothing was applied (see: aisemble gpus)")
+        note(f"{len(problems)} problem(s) found; {outcome} (see: aisemble gpus)")
     return not problems
+
+
+def refused(exc: StoreError, manifests: Manifests) -> None:
+    """Say why the store refused the input, at the document and field (with its line) that
+    each refusal is about; the store knows stacks, the input knows where they are written."""
+    documents = {d.key: d for d in manifests.documents}
+    if not exc.refusals or any(key not in documents for key, _, _ in exc.refusals):
+        error(str(exc))
+        return
+    for key, path, why in exc.refusals:
+        doc = documents[key]
+        line = doc.line_of(path) if path else doc.line
+        error(str(Problem(doc.source, why, doc.index, f"{KIND} {key.name}", path, line)))
 
 
 def cmd_apply(args: argparse.Namespace, session: Session) -> int:
@@ -118,8 +134,12 @@ def cmd_apply(args: argparse.Namespace, session: Session) -> int:
                 session.store.apply(manifests.documents, dry_run=True)
                 changed = secret_cli.apply_secrets(manifests, controller.driver)
             changes = session.store.apply(manifests.documents)
-        except (StoreError, SecretError) as exc:
-            error(getattr(exc, "message", str(exc)))
+        except StoreError as exc:
+            refused(exc, manifests)
+            note("nothing was applied")
+            return 1
+        except SecretError as exc:
+            error(exc.message)
             note("nothing was applied")
             return 1
         for change in changes:
@@ -173,7 +193,7 @@ def _dry_run(manifests: Manifests, session: Session) -> int:
     try:
         changes = session.store.apply(manifests.documents, dry_run=True)
     except StoreError as exc:
-        error(str(exc))
+        refused(exc, manifests)
         return 1
     for change in changes:
         print(f"{change} (dry run)")
@@ -203,6 +223,15 @@ def cmd_diff(args: argparse.Namespace, session: Session) -> int:
     manifests = load(args)
     if manifests is None:
         return 2
+    # What apply would refuse has no plan to show: the refusal is the answer.
+    if not check_gpus(manifests, outcome="apply would refuse this input"):
+        return 2
+    try:
+        session.store.apply(manifests.documents, dry_run=True)
+    except StoreError as exc:
+        refused(exc, manifests)
+        note("apply would refuse this input")
+        return 2
     changed = False
     for doc in manifests.documents:
         stored = session.store.get(doc.key)
@@ -220,6 +249,8 @@ def cmd_diff(args: argparse.Namespace, session: Session) -> int:
             changed = True
             sys.stdout.writelines(lines)
     secrets = secret_cli.preview_secrets(manifests, session, "would be {verb} (values not shown)")
+    if secrets is None:  # a Secret apply would refuse
+        return 2
     actions = _print_plans([d.resource for d in manifests.documents], session, prefix="")
     return 1 if changed or actions or secrets else 0
 
@@ -234,45 +265,3 @@ def _comparable(resource: AISemble) -> str:
         if not meta.get(empty):
             meta.pop(empty, None)
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def cmd_delete(args: argparse.Namespace, session: Session) -> int:
-    if args.filename:
-        manifests = load(args)
-        if manifests is None:
-            return 1
-        keys = manifests.keys()
-        for doc in manifests.secrets:
-            note(
-                f"secret/{doc.secret.name} kept (delete it with: aisemble secret delete {doc.secret.name})"
-            )
-    elif args.names:
-        keys = [StackKey(args.namespace or "default", n) for n in args.names]
-    else:
-        error("name the stacks to delete, or give -f FILE")
-        return 2
-    volumes = {k: bool(s.resource.spec.volumes) for k in keys if (s := session.store.get(k))}
-    printer = ProgressPrinter()
-    with session.controller(progress=printer.step) as controller:
-        try:
-            changes = session.store.request_delete(keys, purge_volumes=args.purge_volumes)
-        except StoreError as exc:
-            error(str(exc))
-            return 1
-        reports = controller.converge(keys, args.timeout, wait=args.wait)
-    code = 0
-    for change in changes:
-        report = reports.get(change.key)
-        if report is not None and report.forgotten:
-            print(change)
-            if volumes.get(change.key) and not args.purge_volumes:
-                note(
-                    f"  volumes of {change.key} are kept; delete with --purge-volumes to remove them"
-                )
-        else:
-            error(
-                f"{change.key}: deletion is not finished; it continues on the next pass "
-                "(aisemble run, or run this delete again)"
-            )
-            code = 1
-    return code

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove the stacks' volumes and their data",
     )
+    p.add_argument(
+        "--ignore-not-found",
+        action="store_true",
+        help="a stack that does not exist is no error (the others are deleted either way)",
+    )
 
     for name, helptext in (
         ("get", "list stacks, or show one"),
@@ -177,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
 
-    from aisemble.cli import apply, doctor, gpus, run, show, sync, wait
+    from aisemble.cli import apply, delete, doctor, gpus, run, show, sync, wait
     from aisemble.cli.session import Session
     from aisemble.podman.errors import PodmanUnavailable
 
     handlers = {
         "apply": apply.cmd_apply,
         "diff": apply.cmd_diff,
-        "delete": apply.cmd_delete,
+        "delete": delete.cmd_delete,
         "get": show.cmd_get,
         "describe": show.cmd_describe,
         "events": show.cmd_events,

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from aisemble.model.meta import ObjectMeta
-from aisemble.model.spec import AISembleSpec
+from aisemble.model.spec import AISembleSpec, Resources
 from aisemble.model.status import AISembleStatus
 
 GROUP = "aisemble.io"
@@ -70,9 +70,25 @@ class AISemble(BaseModel):
     def to_document(self) -> dict:
         """The resource as a plain dict, as `kubectl get -o yaml` would print it.
 
-        Like the Kubernetes API, empty lists and maps are left out.
+        Like the Kubernetes API, empty lists and maps are left out, and so are the GPU
+        sharing defaults of services that ask for no GPU (they would mean nothing there).
         """
-        return _prune(self.model_dump(mode="json", exclude_none=True))
+        doc = self.model_dump(mode="json", exclude_none=True)
+        for service, dumped in zip(self.spec.services, doc["spec"]["services"], strict=True):
+            if not service.resources.wants_gpus:
+                _drop_defaults(dumped["resources"], Resources, GPU_SHARING_FIELDS)
+        return _prune(doc)
+
+
+# Fields of Resources that only mean something to a service asking for GPUs.
+GPU_SHARING_FIELDS = ("gpuSharing", "gpuMaxHolders")
+
+
+def _drop_defaults(dumped: dict, model: type[BaseModel], fields: tuple[str, ...]) -> None:
+    """Leave out `fields` whose value is the model's default: the round trip keeps them."""
+    for name in fields:
+        if name in dumped and dumped[name] == model.model_fields[name].default:
+            del dumped[name]
 
 
 def _prune(value: object) -> object:

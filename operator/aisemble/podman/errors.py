@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class PodmanError(Exception):
     """Base of everything the podman layer raises."""
@@ -25,7 +27,6 @@ class ActionFailed(PodmanError):
 _PERMANENT = (
     # podman 5 answers a missing image with 404 (ImageNotFound above), podman 4 with 500.
     ("image not known", "ImageNotFound", "build or pull the image"),
-    ("address already in use", "PortInUse", "free the port or change expose.hostPort"),
     (
         "cannot expose privileged port",
         "PortForbidden",
@@ -41,6 +42,8 @@ _PERMANENT = (
 def classify(what: str, failed: str, exc: Exception) -> ActionFailed:
     """The ActionFailed for podman's error `exc` while doing `what` (default reason `failed`)."""
     text = explain(exc)
+    if "address already in use" in text.lower():
+        return ActionFailed("PortInUse", f"{what}: {port_in_use(text)}", permanent=True)
     for needle, reason, hint in _PERMANENT:
         if needle in text.lower():
             return ActionFailed(reason, f"{what}: {text}; {hint}", permanent=True)
@@ -53,3 +56,44 @@ def explain(exc: Exception) -> str:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return str(text).strip()
+
+
+# How podman names the binding it could not make: netavark and rootlessport say
+# "listen tcp4 127.0.0.1:8080: bind: address already in use", pasta (podman 5)
+# "Failed to bind port 8080 (Address already in use) for option '-t 127.0.0.1/8080-8080:...'".
+_LISTEN = re.compile(
+    r"listen (?P<proto>tcp|udp)[46]? \[?(?P<ip>[0-9a-fA-F.:]*?)\]?:(?P<port>\d+): bind: address "
+    r"already in use",
+    re.IGNORECASE,
+)
+_PASTA = re.compile(
+    r"bind port (?P<port>\d+) \(address already in use\) for option '-(?P<flag>[tu]) "
+    r"(?:(?P<ip>[0-9a-fA-F.:]+)/)?",
+    re.IGNORECASE,
+)
+
+
+def port_in_use(text: str) -> str:
+    """Podman's "address already in use" (JSON, container IDs and all) said for a person:
+    which host port, that no AI-semble stack holds it (the store refuses those), and how
+    to find what does."""
+    found = _LISTEN.search(text)
+    if found:
+        ip, port, proto = found["ip"] or "0.0.0.0", found["port"], found["proto"].lower()
+    elif found := _PASTA.search(text):
+        ip, port = found["ip"] or "0.0.0.0", found["port"]
+        proto = "tcp" if found["flag"].lower() == "t" else "udp"
+    else:
+        return (
+            "a host port of this pod is in use by a process that is not AI-semble; find it "
+            "with `ss -ltnup` (`sudo ss -ltnup` to see processes of other users), then stop it "
+            "or change expose.hostPort"
+        )
+    address = f"[{ip}]" if ":" in ip else ip
+    flags = "-ltnp" if proto == "tcp" else "-lunp"
+    return (
+        f"host port {address}:{port}/{proto} is in use by a process that is not AI-semble "
+        f"(another stack claiming it would have been refused at apply); find it with "
+        f"`ss {flags} 'sport = :{port}'` (`sudo ss ...` if root or another user owns it), then "
+        "stop it or change expose.hostPort"
+    )
