@@ -100,6 +100,30 @@ def base_image(podman_url: str) -> str:
     return BASE_IMAGE
 
 
+SHELLLESS_IMAGE = "localhost/aisemble/probe-test:1"
+
+
+@pytest.fixture(scope="session")
+def shellless_image(podman_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Busybox at /busybox and a web root /www (with `health`), from scratch: no shell or
+    HTTP client at their usual paths, as minimal images are."""
+    if subprocess.run(["podman", "image", "exists", SHELLLESS_IMAGE]).returncode == 0:
+        return SHELLLESS_IMAGE
+    busybox = shutil.which("busybox")
+    assert busybox, "a static busybox is needed: apt-get install -y busybox-static"
+    context = tmp_path_factory.mktemp("shellless-image")
+    shutil.copy(busybox, context / "busybox")
+    (context / "www").mkdir()
+    (context / "www" / "health").write_text("ok\n")
+    (context / "Containerfile").write_text("FROM scratch\nCOPY busybox /busybox\nCOPY www /www\n")
+    subprocess.run(
+        ["podman", "build", "--quiet", "--tag", SHELLLESS_IMAGE, str(context)],
+        check=True,
+        capture_output=True,
+    )
+    return SHELLLESS_IMAGE
+
+
 @pytest.fixture
 def podman_env(podman_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """CONTAINER_HOST pointing at the session's service and a store of this test's own."""

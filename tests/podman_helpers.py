@@ -215,6 +215,8 @@ def service(name: str, **fields: Any) -> dict[str, Any]:
         "image": TINY,
         "command": IDLE,
         "terminationGracePeriodSeconds": 1,
+        # A second of stability instead of the default few: tests about the window set it.
+        "minReadySeconds": 1,
         **fields,
     }
 

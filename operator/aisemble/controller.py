@@ -127,7 +127,10 @@ class Controller:
                     self.store.record_restart(
                         event.key, pod, "podman", self._last_died.get(event.name)
                     )
-        self.schedule(event.key, DEBOUNCE)
+        # A replica that died is looked at now: its restart (at once the first time) is the
+        # operator's, and every moment counts. Other events come in bursts: one look each.
+        urgent = event.kind == "container" and event.action == "died"
+        self.schedule(event.key, 0.0 if urgent else DEBOUNCE)
 
     def request_stop(self) -> None:
         """Stop soon, even from an idle wait (safe to call from a signal handler)."""

@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 from aisemble.model import AISemble, AISembleStatus, Phase, StackKey
-from aisemble.planning import gpu, naming
+from aisemble.planning import exposure, gpu, naming, probing
 from aisemble.planning.actions import (
-    Backoff,
+    CreatePod,
     Plan,
+    RestartPod,
     StartPod,
     Step,
 )
 from aisemble.planning.desired import DesiredStack, render
 from aisemble.planning.observed import Observed, ObservedStack
-from aisemble.planning.planner import CRASH_LOOP_RESTARTS, plan
+from aisemble.planning.planner import CRASH_LOOP_RESTARTS, RESTART_WINDOW, plan
 from aisemble.planning.secrets import REDACTED, Resolution, fingerprint, holds, redact, wanted
 from aisemble.planning.status import DEADLINE_EXCEEDED, PassResult, fold
 from aisemble.podman.cdi import Inventory
@@ -40,6 +42,8 @@ from aisemble.sources.store import Store, StoredStack
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+OPERATOR = "aisemble"  # restarts made by the operator (podman's policy makes others)
+MIRROR_RETRY = 1.0  # seconds before a failed mirror of the status onto podman is retried
 
 
 def utc_now() -> datetime:
@@ -123,14 +127,24 @@ class Reconciler:
         self.progress = progress
         self._rendered: dict[StackKey, tuple[tuple, DesiredStack]] = {}  # by revision, GPUs
         self.inventory = inventory or Inventory()
+        # Any image with python3 runs the forwarder publishing exposed ports.
+        self.forwarder_image = os.environ.get("AISEMBLE_FORWARDER_IMAGE") or exposure.DEFAULT_IMAGE
         self._ledger_seen: set[gpu.Grant] | None = None  # the GPU ledger as last read here
+        self._mirrored: dict[StackKey, dict[str, str]] = {}  # status pod labels set by us
 
     def reconcile(
-        self, key: StackKey, observed: Observed | None = None, stored: StoredStack | None = None
+        self,
+        key: StackKey,
+        observed: Observed | None = None,
+        stored: StoredStack | None = None,
+        act: bool = True,
     ) -> PassReport:
         """One pass for one stack. The caller holds the stack's lock.
 
         A caller that just read the stack from the store (under the lock) may pass it.
+        `act=False` only looks: the status is rebuilt from what podman reports now and
+        stored, and nothing is changed in podman (`wait` uses it: a stored status may be
+        older than a crash).
         """
         stored = stored or self.store.get(key)  # 1. load
         full = observed is None
@@ -138,15 +152,17 @@ class Reconciler:
             observed = self.driver.observe([key], full=True)
 
         if stored is None or stored.deleting:
+            if not act:
+                return PassReport(key, Plan(key))
             return self._teardown(key, stored, observed.stack(key), observed)
 
         resource = self._running_spec(stored)
         gpus = self._assign_gpus(key, resource)
         secrets = self._resolve_secrets(resource)
         desired = self._render(stored, resource, gpus, secrets)
-        observed = self.driver.check_health(observed, [key])
         now = self.clock()
-        history = self.store.restarts(key)
+        observed = self._probed(observed, key, now)
+        history = self.store.restarts(key, by=OPERATOR)  # its back-off counts its own
         report = PassReport(  # 3. plan
             key,
             plan(
@@ -159,38 +175,99 @@ class Reconciler:
             ),
         )
         report.freed_gpus = gpus.freed
-        report.outcomes = self._execute(report.plan)  # 4. execute
+        report.outcomes = self._execute(report.plan) if act else []  # 4. execute
         self._record_restarts(key, report, observed)
         if report.outcomes:
-            observed = self.driver.check_health(self.driver.observe([key], full=True), [key])
+            now = self.clock()
+            observed = self._probed(self.driver.observe([key], full=True), key, now)
             full = True
         current = observed.stack(key)
+        history = self.store.restarts(key)  # podman's and the operator's
+        recent = {
+            pod: sum(1 for t in times if now - t <= RESTART_WINDOW)
+            for pod, times in history.items()
+        }
+        rollout = self._rollout_since(stored)
+        # The last output of replicas in a crash loop: backing off, or down again already.
+        looping = {
+            p.name
+            for p in current.pods
+            if p.main is not None and not p.ready and recent.get(p.name, 0) >= CRASH_LOOP_RESTARTS
+        }
         result = PassResult(  # 5. status
             held=report.plan.held,
-            errors=_errors_by_service(report),
+            errors=_errors_by_service(report, desired),
             pending=report.failed_transiently,
             backoff=report.plan.backoff,
-            logs=self._crash_logs(report.plan.backoff, current, secrets),
-            restarts={pod: len(times) for pod, times in self.store.restarts(key).items()},
+            logs=self._crash_logs(looping, current, secrets),
+            restarts={pod: len(times) for pod, times in history.items()},
+            recent_restarts=recent,
+            last_exits=self.store.last_exits(key) if looping else {},
+            rollout_since=rollout,
             pinned=stored.pinned,
             gpus=gpus.by_service(),
             lost_gpus=gpus.lost,
         )
         report.status = fold(stored.resource, desired, current, result, now, stored.status)
-        self._roll_back_if_due(stored, report)
+        if act:
+            self._roll_back_if_due(stored, report)
         if report.status.phase == Phase.READY:
             self.store.record_ready(key, stored.resource, now=now)
         changed = self.store.write_status(key, report.status)
         report.status_changed, report.previous_status = changed, stored.status
         if changed:
             report.phase_changed = self._record_status_change(key, stored.status, report.status)
-        labels = self._status_labels(key, report.status)
-        if changed or (full and current.status_labels != labels):
-            self.driver.mirror_status(key, labels)
+        mirror_failed = not self._mirror(key, report.status, changed, current if full else None)
+        deadline = None
+        if rollout is not None:
+            passes = rollout + timedelta(seconds=stored.resource.spec.progressDeadlineSeconds)
+            deadline = max(0.0, (passes - now).total_seconds()) + 1.0  # just after it passed
         report.requeue_after = _soonest(
-            report.plan.requeue_after, self.driver.next_health_check(observed, key)
+            report.requeue_after,
+            report.plan.requeue_after,
+            self.driver.next_health_check(observed, key, now),
+            probing.next_settled(current, now),
+            deadline,
+            MIRROR_RETRY if mirror_failed else None,
         )
         return report
+
+    def _mirror(
+        self,
+        key: StackKey,
+        status: AISembleStatus,
+        changed: bool,
+        seen: ObservedStack | None,
+    ) -> bool:
+        """Keep the status pod's labels those of the stored status; False if that failed.
+
+        What this process last mirrored is remembered, so a mirror that failed (podman
+        busy removing the old pod) is made again on the next pass, not at the next resync.
+        """
+        labels = self._status_labels(key, status)
+        known = seen.status_labels if seen is not None else self._mirrored.get(key, labels)
+        if not changed and known == labels:
+            return True
+        if self.driver.mirror_status(key, labels):
+            self._mirrored[key] = labels
+            return True
+        self._mirrored[key] = {}  # stale: the next pass mirrors it again
+        return False
+
+    def _probed(self, observed: Observed, key: StackKey, now: datetime) -> Observed:
+        """The snapshot with the probes due run and the stability windows applied."""
+        observed = self.driver.check_health(observed, [key], now)
+        stack = probing.settle(observed.stack(key), now)
+        return replace(observed, stacks={**observed.stacks, key: stack})
+
+    def _rollout_since(self, stored: StoredStack) -> datetime | None:
+        """When the change now rolling out was made; None when there is none (its
+        generation was ready once, or a rollback runs an older one)."""
+        if stored.pinned is not None:
+            return None
+        if self.store.ready_revision(stored.key, stored.generation) is not None:
+            return None
+        return stored.updated
 
     def _teardown(
         self,
@@ -231,13 +308,13 @@ class Reconciler:
         exits = {p.name: p.main.exit_code for p in observed.stack(key).pods if p.main}
         for outcome in report.outcomes:
             action = outcome.step.action
-            if outcome.ok and isinstance(action, StartPod):
+            if outcome.ok and isinstance(action, StartPod | RestartPod):
                 self.store.record_restart(
-                    key, action.pod, "aisemble", exits.get(action.pod), now=self.clock()
+                    key, action.pod, OPERATOR, exits.get(action.pod), now=self.clock()
                 )
 
     def _crash_logs(
-        self, backoff: tuple[Backoff, ...], current: ObservedStack, secrets: Resolution
+        self, looping: set[str], current: ObservedStack, secrets: Resolution
     ) -> dict[str, str]:
         """The last output of crash-looping replicas: the first thing a person asks for.
 
@@ -245,11 +322,7 @@ class Reconciler:
         what to redact), the output is withheld.
         """
         ids = {p.name: p.main.id for p in current.pods if p.main}
-        logs = {
-            b.pod: self.driver.logs(ids[b.pod], tail=5)
-            for b in backoff
-            if b.restarts >= CRASH_LOOP_RESTARTS and b.pod in ids
-        }
+        logs = {pod: self.driver.logs(ids[pod], tail=5) for pod in sorted(looping) if pod in ids}
         if not logs or not secrets:
             return logs
         values = self.driver.secrets.values(secrets)
@@ -309,7 +382,9 @@ class Reconciler:
         plans = []
         for r in resources:
             secrets = self._resolve_secrets(r, write=False)
-            desired = render(r, self.store.owner, secrets=secrets)
+            desired = render(
+                r, self.store.owner, secrets=secrets, forwarder_image=self.forwarder_image
+            )
             held = holds(r, secrets)
             plans.append(plan(desired, observed.stack(r.key), observed.has_image, holds=held))
         return plans
@@ -322,7 +397,10 @@ class Reconciler:
         version = (stored.revision, gpus.fingerprint(), fingerprint(secrets))
         cached = self._rendered.get(stored.key)
         if cached is None or cached[0] != version:
-            cached = (version, render(resource, self.store.owner, gpus.devices, secrets))
+            cached = (
+                version,
+                render(resource, self.store.owner, gpus.devices, secrets, self.forwarder_image),
+            )
             self._rendered[stored.key] = cached
         return cached[1]
 
@@ -442,15 +520,28 @@ class Reconciler:
         return True
 
 
-def _errors_by_service(report: PassReport) -> dict[str, tuple[str, str]]:
+def _errors_by_service(report: PassReport, desired: DesiredStack) -> dict[str, tuple[str, str]]:
     errors: dict[str, tuple[str, str]] = {}
     stack_errors: list[tuple[str, str]] = []
+    forwarder = desired.forwarder.pod_name if desired.forwarder else None
+    exposed = list(dict.fromkeys(listener.service for listener in desired.listeners))
     for outcome in report.failed:
         if outcome.skipped:
             continue
         err = outcome.error
         assert err is not None
-        service = getattr(outcome.step.action, "service", None)
+        action = outcome.step.action
+        pod = (
+            action.template.pod_name
+            if isinstance(action, CreatePod)
+            else getattr(action, "pod", None)
+        )
+        if forwarder is not None and pod == forwarder:
+            # The forwarder fails for the services whose ports it publishes.
+            for service in exposed:
+                errors.setdefault(service, (err.reason, err.message))
+            continue
+        service = getattr(action, "service", None)
         if service:
             errors.setdefault(service, (err.reason, err.message))
         else:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from kube_cluster import Cluster
-from podman_helpers import IDLE, TINY, Env, eventually
+from podman_helpers import TINY, Env, eventually
 
 from aisemble.podman.images import build_images
 
@@ -107,7 +107,17 @@ def test_the_operator_pod_runs_stacks_from_the_cluster(
                 "metadata": {"name": stack_name, "namespace": "default"},
                 "spec": {
                     "nodeName": "podman-host-1",  # the manifest's --node-name
-                    "services": [{"name": "api", "image": TINY, "command": IDLE}],
+                    "services": [
+                        {
+                            "name": "api",
+                            "image": TINY,
+                            "command": ["httpd", "-f", "-p", "8080", "-h", "/"],
+                            "port": 8080,
+                            # probed from the operator's container: it sees the host's
+                            # processes (hostPID) to enter the replica's network
+                            "readinessProbe": {"tcpSocket": {}, "periodSeconds": 1},
+                        }
+                    ],
                 },
             }
         )

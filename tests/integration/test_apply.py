@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,7 +96,7 @@ class TestConverge:
         body = urllib.request.urlopen(f"http://127.0.0.1:{host_port}/index.html", timeout=5).read()
         assert b"hello-from-web" in body
         ports = _host_ports(env, stack_name)
-        assert ports == {("web", host_port)}
+        assert ports == {("forwarder", host_port)}  # no service publishes a port itself
 
     def test_get_and_describe_show_status_rebuilt_from_podman(
         self, env: Env, stack_name: str
@@ -276,13 +279,38 @@ class TestBadInput:
             [_web()],
             expose=[{"service": "web", "hostPort": port, "hostIP": "0.0.0.0"}],
         )
-        result = env.cli("apply", "-f", env.write("b.yaml", second))
+        path = env.write("b.yaml", second)
+        result = env.cli("apply", "-f", path)
         assert result.code == 1
-        assert (
-            f"host port {port}/tcp" in result.err
-            and f"stored stack default/{stack_name}" in result.err
+        refusal = (
+            f"{path}: document 1 (AISemble {stack_name}b): spec.expose[0].hostPort (line "
+            f"{_line_of(path, 'hostPort:')}): host port {port}/tcp on 0.0.0.0 is already "
+            f"claimed by stored stack default/{stack_name}"
         )
+        assert refusal in result.err
         assert env.pods(stack_name + "b") == []
+
+        # diff shows the refusal apply would make, not a plan for it.
+        diff = env.cli("diff", "-f", path)
+        assert diff.code == 2
+        assert refusal in diff.err and "create pod" not in diff.out
+
+    def test_a_host_port_held_outside_aisemble_is_named_with_how_to_find_its_holder(
+        self, env: Env, stack_name: str
+    ) -> None:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            exposed = stack(stack_name, [_web()], expose=[{"service": "web", "hostPort": port}])
+            result = env.cli("apply", "-f", env.write("s.yaml", exposed), "--timeout", "60s")
+        assert result.code == 1
+        assert "PortInUse" in result.err
+        assert f"host port 127.0.0.1:{port}/tcp is in use by a process that is not AI-semble" in (
+            result.err
+        )
+        assert f"ss -ltnp 'sport = :{port}'" in result.err and "sudo" in result.err
+        assert "{" not in result.text and not re.search(r"[0-9a-f]{64}", result.text)
 
     def test_unreachable_podman_changes_nothing(
         self, env: Env, stack_name: str, monkeypatch
@@ -309,14 +337,25 @@ class TestOrdering:
         assert started["b"] <= started["c.created"]
 
 
+def _line_of(path: Path, text: str) -> int:
+    """The line of `path` where `text` first appears."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
 def _host_ports(env: Env, stack_name: str) -> set[tuple[str, int]]:
     found = set()
     for c in env.client.containers.list(
         all=True, filters={"label": f"aisemble.io/stack={stack_name}"}
     ):
         if c.attrs.get("IsInfra"):
+            labels = c.attrs["Labels"]
+            owner = (
+                "forwarder"
+                if labels.get("aisemble.io/forwarder")
+                else labels["aisemble.io/service"]
+            )
             for port in c.attrs.get("Ports") or []:
-                found.add((c.attrs["Labels"]["aisemble.io/service"], port["host_port"]))
+                found.add((owner, port["host_port"]))
     return found
 
 

@@ -116,13 +116,37 @@ needs_root = pytest.mark.skipif(
 )
 
 
-@needs_root
-def test_an_exposed_service_answers_on_loopback_and_is_confined_all_the_same(
+def forwarder(env: Env, name: str) -> str:
+    """The container of stack `name`'s forwarder (the pod publishing its exposed ports)."""
+    [found] = [
+        c["Id"]
+        for c in env.containers(name)
+        if c.get("Labels", {}).get("aisemble.io/forwarder") == "true" and c.get("Pod")
+    ]
+    return found
+
+
+def forwarder_connects(env: Env, name: str, host: str, port: int) -> bool:
+    """Whether the forwarder of `name` can open a TCP connection to host:port (it has python3,
+    not nc)."""
+    probe = (
+        "import socket, sys\n"
+        "try:\n"
+        "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()\n"
+        "    print('open')\n"
+        "except OSError:\n"
+        "    print('closed')\n"
+    )
+    code, out = env.exec(forwarder(env, name), "python3", "-c", probe, host, str(port))
+    assert out.strip() in ("open", "closed"), out
+    return out.strip() == "open"
+
+
+def test_an_exposed_service_answers_on_loopback_and_stays_on_its_own_network(
     env: Env, stack_name: str, host_server: tuple[str, int]
 ) -> None:
-    """The exposed pod sits on a second, routed network to publish its port; the host
-    firewall keeps it from the host and beyond, while its answers still get out."""
-    host, port = host_server
+    """Exposing a service does not move it: the forwarder publishes its port, so the
+    service stays on the isolated network alone, with no route off it (rootless too)."""
     host_port = free_port()
     apply(
         env,
@@ -133,26 +157,42 @@ def test_an_exposed_service_answers_on_loopback_and_is_confined_all_the_same(
     with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=10) as response:
         assert response.read().decode().strip() == "gateway"
     assert connects(env, stack_name, "gateway", "llm", 8080)  # its peers, as before
-    assert len(address(env, stack_name, "gateway")) == 2  # the stack's network and the edge
-    assert firewall.installed()
-    assert not connects(env, stack_name, "gateway", host, port)
-    # The control: without the rules the edge's route off the host is open.
-    subprocess.run(["nft", "delete", "table", "inet", firewall.TABLE], check=True)
-    try:
-        assert connects(env, stack_name, "gateway", host, port)
-    finally:
-        assert firewall.Firewall().ensure()
-    assert not connects(env, stack_name, "gateway", host, port)
+    assert len(address(env, stack_name, "gateway")) == 1  # the stack's network only
+    assert not reaches_host(env, stack_name, "gateway", host_server)
 
 
 @needs_root
-def test_exposed_services_of_two_stacks_cannot_reach_each_other(env: Env, stack_name: str) -> None:
+def test_the_forwarder_of_exposed_ports_is_confined_by_the_host_firewall(
+    env: Env, stack_name: str, host_server: tuple[str, int]
+) -> None:
+    """The forwarder sits on the edge network, which has a route off the host; the host
+    firewall keeps it from the host and beyond, while its answers still get out."""
+    host, port = host_server
+    host_port = free_port()
+    apply(env, stack_name, [web("gateway")], expose=[{"service": "gateway", "hostPort": host_port}])
+    assert firewall.installed()
+    assert forwarder_connects(env, stack_name, "gateway", 8080)  # it reaches its service
+    assert not forwarder_connects(env, stack_name, host, port)
+    # The control: without the rules the edge's route off the host is open.
+    subprocess.run(["nft", "delete", "table", "inet", firewall.TABLE], check=True)
+    try:
+        assert forwarder_connects(env, stack_name, host, port)
+    finally:
+        assert firewall.Firewall().ensure()
+    assert not forwarder_connects(env, stack_name, host, port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=10) as response:
+        assert response.read().decode().strip() == "gateway"
+
+
+@needs_root
+def test_exposed_stacks_cannot_reach_each_other(env: Env, stack_name: str) -> None:
     a, b = f"{stack_name}-a", f"{stack_name}-b"
     apply(env, a, [web("gateway")], expose=[{"service": "gateway", "hostPort": free_port()}])
     apply(env, b, [web("gateway")], expose=[{"service": "gateway", "hostPort": free_port()}])
-    for target in address(env, b, "gateway"):  # B's stack and edge addresses alike
-        assert not connects(env, a, "gateway", target, 8080), target
-        assert connects(env, b, "gateway", target, 8080), target
+    [target] = address(env, b, "gateway")
+    assert not connects(env, a, "gateway", target, 8080)
+    assert not forwarder_connects(env, a, target, 8080)  # nor A's forwarder, on the edge
+    assert forwarder_connects(env, b, target, 8080)  # B's own forwarder does
 
 
 def test_turning_egress_on_recreates_the_network_and_brings_the_pods_back(

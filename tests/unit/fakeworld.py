@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 
 from aisemble.model import StackKey
 from aisemble.model.spec import host_ports_clash
-from aisemble.planning import naming
+from aisemble.planning import exposure, naming
 from aisemble.planning.actions import (
     Action,
     CreateNetwork,
@@ -49,6 +49,7 @@ from aisemble.planning.actions import (
     RemoveNetwork,
     RemovePod,
     RemoveVolume,
+    RouteTraffic,
     StartPod,
     Step,
 )
@@ -103,7 +104,7 @@ def make_pod(
     """
     uid = uid or template.pod_name
     if health == _AUTO:
-        health = "healthy" if template.probe is not None and state == "running" else None
+        health = "healthy" if _gated(template) and state == "running" else None
     main = None
     if state is not None:
         main = ObservedContainer(
@@ -129,14 +130,22 @@ def make_pod(
 
 
 def converged(desired: DesiredStack, state: str = "running") -> ObservedStack:
-    """What podman shows once `desired` has been fully realised."""
+    """What podman shows once `desired` has been fully realised (the forwarder of exposed
+    ports routing to every ready replica)."""
+    pods = tuple(make_pod(t, state) for t in desired.pods)
+    forwarders: tuple[ObservedPod, ...] = ()
+    if desired.forwarder is not None:
+        forwarder = make_pod(desired.forwarder, "running")
+        table = exposure.routes(desired.listeners, pods)
+        forwarders = (dataclasses.replace(forwarder, routes=table),)
     return ObservedStack(
         desired.key,
-        tuple(make_pod(t, state) for t in desired.pods),
+        pods,
         desired.network,
         tuple(sorted(desired.volumes)),
         network_mode=desired.network_mode,
         edge=desired.edge,
+        forwarders=forwarders,
     )
 
 
@@ -152,7 +161,8 @@ class FakeWorld:
         now: datetime = EPOCH,
     ) -> None:
         self.stack = stack if isinstance(stack, ObservedStack) else ObservedStack(stack)
-        self.images = set(images)
+        # The forwarder of exposed ports runs from the base image, as on a set-up host.
+        self.images = set(images) | {exposure.DEFAULT_IMAGE}
         self.failing = set(failing)
         self.history: list[str] = []  # every key attempted, in order, across runs
         # every action that succeeded, with the stack just before it, across runs
@@ -178,7 +188,16 @@ class FakeWorld:
         return is_present(reference, frozenset(self.images))
 
     def pod(self, name: str) -> ObservedPod | None:
-        return next((p for p in self.stack.pods if p.name == name), None)
+        return next((p for p in self._all() if p.name == name), None)
+
+    def _all(self) -> tuple[ObservedPod, ...]:
+        return (*self.stack.pods, *self.stack.forwarders)
+
+    def _put(self, pod: ObservedPod) -> None:
+        """Add or replace `pod` (a service's or the forwarder) in the stack."""
+        field = "forwarders" if pod.labels.get(naming.FORWARDER) else "pods"
+        kept = tuple(p for p in getattr(self.stack, field) if p.name != pod.name)
+        self._replace(**{field: (*kept, pod)})
 
     @property
     def pod_names(self) -> set[str]:
@@ -207,8 +226,7 @@ class FakeWorld:
     def _update_main(self, pod: str, **changes: object) -> None:
         found = self.pod(pod)
         assert found is not None and found.main is not None, pod
-        changed = dataclasses.replace(found, main=dataclasses.replace(found.main, **changes))
-        self._replace(pods=tuple(changed if p.name == pod else p for p in self.stack.pods))
+        self._put(dataclasses.replace(found, main=dataclasses.replace(found.main, **changes)))
 
     def _health(self, template_has_check: bool) -> str | None:
         return self.start_health if template_has_check else None
@@ -229,6 +247,7 @@ class FakeWorld:
             CreateVolume: self._create_volume,
             CreatePod: self._create_pod,
             StartPod: self._start_pod,
+            RouteTraffic: self._route_traffic,
             RemovePod: self._remove_pod,
             RemoveNetwork: self._remove_network,
             RemoveVolume: self._remove_volume,
@@ -264,7 +283,7 @@ class FakeWorld:
                 raise WorldError("VolumeNotFound", f"volume {m.volume} does not exist")
         if not self.has_image(t.image):
             raise WorldError("ImageNotFound", f"image {t.image} is not present")
-        for other in self.stack.pods:
+        for other in self._all():
             for bound in other.host_ports:
                 if any(host_ports_clash(b.host, bound) for b in t.ports):
                     raise WorldError("PortInUse", f"{bound} is bound by pod {other.name}")
@@ -272,14 +291,14 @@ class FakeWorld:
         pod = make_pod(
             t,
             uid=f"{t.pod_name}-{self._serial}",
-            health=self._health(t.probe is not None),
+            health=self._health(_gated(t)),
             started_at=self.now,
             created=self.now,
         )
         self.mounts[t.pod_name] = frozenset(m.volume for m in t.mounts)
-        if t.probe is not None:
+        if _gated(t):
             self._checked.add(t.pod_name)
-        self._replace(pods=(*self.stack.pods, pod))
+        self._put(pod)
 
     def _start_pod(self, action: StartPod) -> None:
         pod = self.pod(action.pod)
@@ -297,19 +316,29 @@ class FakeWorld:
             )
             self.restarts.setdefault(pod.name, []).append(self.now)
         # A pod without its main container starts only its infra container.
-        started = dataclasses.replace(pod, main=main, status="Running")
-        self._replace(pods=tuple(started if p.name == pod.name else p for p in self.stack.pods))
+        self._put(dataclasses.replace(pod, main=main, status="Running"))
+
+    def _route_traffic(self, action: RouteTraffic) -> None:
+        pod = self.pod(action.pod)
+        if pod is None or pod.main is None or pod.main.id != action.container:
+            raise WorldError("NotFound", f"no container {action.container} in pod {action.pod}")
+        if not pod.running:
+            raise WorldError("NotRunning", f"pod {action.pod} is not running")
+        self._put(dataclasses.replace(pod, routes=action.routes))
 
     def _remove_pod(self, action: RemovePod) -> None:
         self.mounts.pop(action.pod, None)
         self._checked.discard(action.pod)
-        self._replace(pods=tuple(p for p in self.stack.pods if p.name != action.pod))
+        self._replace(
+            pods=tuple(p for p in self.stack.pods if p.name != action.pod),
+            forwarders=tuple(p for p in self.stack.forwarders if p.name != action.pod),
+        )
 
     def _remove_network(self, action: RemoveNetwork) -> None:
         edge = action.name == self.stack.edge
         if self.stack.network != action.name and not edge:
             return
-        users = [p for p in self.stack.pods if not edge or p.host_ports]
+        users = [p for p in self._all() if not edge or p.host_ports]
         if users and not action.force:
             names = ", ".join(sorted(p.name for p in users))
             raise WorldError("NetworkInUse", f"network {action.name} is used by {names}")
@@ -412,3 +441,9 @@ __all__ = [
     "converged",
     "make_pod",
 ]
+
+
+def _gated(template: PodTemplate) -> bool:
+    """Whether a readiness (or startup) probe decides when the replica is ready."""
+    probes = template.probes
+    return probes is not None and (probes.readiness or probes.startup) is not None

@@ -116,13 +116,6 @@ class TestRejected:
             ),
             (
                 {
-                    "services": [{"name": "a", "image": "i", "port": 80, "replicas": 2}],
-                    "expose": [{"service": "a", "hostPort": 8080}],
-                },
-                "a host port can be bound by one pod only",
-            ),
-            (
-                {
                     "services": [
                         {"name": "a", "image": "i", "port": 80},
                         {"name": "b", "image": "i", "port": 80},
@@ -235,3 +228,39 @@ class TestQuantities:
         )
         assert s.services[0].resources.cpus == "2"
         assert parse_memory(s.services[0].resources.memory) == 64 * 2**20
+
+
+class TestDocument:
+    def resource(self, *services: dict) -> AISemble:
+        return AISemble.model_validate(
+            {
+                "apiVersion": "aisemble.io/v1alpha1",
+                "kind": "AISemble",
+                "metadata": {"name": "lab"},
+                "spec": {"services": list(services)},
+            }
+        )
+
+    def test_gpu_sharing_defaults_are_left_out_where_no_gpu_is_asked_for(self) -> None:
+        resource = self.resource(
+            {"name": "cpu", "image": "i"},
+            {"name": "capped", "image": "i", "resources": {"memory": "1Gi"}},
+            {"name": "gpu", "image": "i", "resources": {"gpus": 1}},
+        )
+        doc = resource.to_document()
+        cpu, capped, gpu = doc["spec"]["services"]
+        assert "resources" not in cpu
+        assert capped["resources"] == {"memory": "1Gi"}
+        assert gpu["resources"] == {"gpus": 1, "gpuSharing": "exclusive", "gpuMaxHolders": 4}
+        assert AISemble.model_validate(doc) == resource  # the round trip keeps the spec
+
+    def test_a_sharing_setting_given_without_gpus_is_still_shown(self) -> None:
+        resource = self.resource(
+            {"name": "a", "image": "i", "resources": {"gpuSharing": "shared", "gpuMaxHolders": 8}}
+        )
+        doc = resource.to_document()
+        assert doc["spec"]["services"][0]["resources"] == {
+            "gpuSharing": "shared",
+            "gpuMaxHolders": 8,
+        }
+        assert AISemble.model_validate(doc) == resource

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from aisemble.model import AISemble, StackKey
 from aisemble.model.spec import host_ports_clash
-from aisemble.planning import naming
+from aisemble.planning import exposure, naming
 from aisemble.planning.actions import (
     CreateNetwork,
     CreatePod,
@@ -29,6 +29,7 @@ from aisemble.planning.actions import (
     RemoveNetwork,
     RemovePod,
     RemoveVolume,
+    RouteTraffic,
     StartPod,
     Step,
 )
@@ -97,7 +98,26 @@ def step_of(p: Plan, key: str) -> Step:
 
 
 def creates(p: Plan, service: str | None = None) -> list[CreatePod]:
-    return [a for a in of_type(p, CreatePod) if service is None or a.service == service]
+    """The plan's creations of service pods (not of the forwarder of exposed ports)."""
+    return [
+        a
+        for a in of_type(p, CreatePod)
+        if not a.template.label_dict.get(naming.FORWARDER)
+        and (service is None or a.service == service)
+    ]
+
+
+def final_pass(desired: DesiredStack) -> int:
+    """From nothing, the pass whose plan is empty: one after the last service starts, and
+    one after the last exposed service's replicas are routed to (the pass after they are
+    ready)."""
+    start = start_pass(desired)
+    last = max([start[t.service] for t in desired.pods], default=1)
+    routed = [
+        start[listener.service] + 1 if desired.replicas[listener.service] else 2
+        for listener in desired.listeners
+    ]  # (the forwarder made in pass 1 gets its first table in pass 2)
+    return max([last, *routed]) + 1
 
 
 def removed(p: Plan) -> set[str]:
@@ -186,13 +206,30 @@ def assert_realised(
         pod = world.pod(template.pod_name)
         assert pod is not None and pod.running, template.pod_name
         assert pod.labels == template.label_dict
-        assert set(pod.host_ports) == {b.host for b in template.ports}
+        assert pod.host_ports == ()  # the forwarder publishes exposed ports
+    forwarder = desired.forwarder
+    if forwarder is None:
+        assert stack.forwarders == ()
+        return
+    [pod] = stack.forwarders
+    assert pod.name == forwarder.pod_name and pod.running
+    assert set(pod.host_ports) == {b.host for b in forwarder.ports}
+    # Every listener sends to exactly the ready replicas of its service.
+    routes = dict(pod.routes or ())
+    for listener in desired.listeners:
+        if listener.service in except_services:
+            continue
+        expected = {
+            f"{exposure.replica_alias(t.spec_hash, t.replica)}:{listener.target_port}"
+            for t in desired.templates(listener.service)
+        }
+        assert set(routes[listener.key]) == expected, listener
 
 
 def assert_dependencies_were_ready(world: FakeWorld, desired: DesiredStack) -> None:
     """No pod was ever created or started while a dependency of its service was not ready."""
     for action, before in world.trace:
-        if isinstance(action, CreatePod | StartPod):
+        if isinstance(action, CreatePod | StartPod) and action.service in desired.depends_on:
             for dep in desired.depends_on[action.service]:
                 assert is_ready(before, desired, dep), (
                     f"{action.describe()} ran while its dependency {dep} was not ready"
@@ -426,7 +463,7 @@ class TestNewStack:
             reason, message = p.held[name]
             assert reason == WAITING_FOR_DEPENDENCY
             for d in deps:  # a held dependency says why it is held, another is not ready
-                why = p.held[d][0] if d in waiting else "not ready yet"
+                why = "itself waiting for a dependency" if d in waiting else "not ready yet"
                 assert f"{d} ({why})" in message, message
 
     def test_pods_wait_for_the_network_and_the_volumes_they_mount(self) -> None:
@@ -559,8 +596,7 @@ class TestNewStack:
             t for t in desired.pods if start[t.service] == 1
         }
         passes = world.reconcile(desired, rng=rng)
-        with_pods = [start[t.service] for t in desired.pods]
-        assert len(passes) == max(with_pods, default=1) + 1
+        assert len(passes) == final_pass(desired)
         assert not passes[-1].plan and passes[-1].plan.held == {}
         for ps in passes:
             assert ps.run.ok, ps.run.failed
@@ -623,7 +659,7 @@ class TestIdempotence:
         desired = desired_of(spec)
         depth = longest_wait(wait_graph(desired, world.stack))
         assert depth is not None
-        bound = depth + 3
+        bound = depth + 3 + bool(desired.listeners)  # and a pass to route to the last ready
         passes = world.reconcile(desired, limit=bound, rng=rng)
         assert_fixpoint(world, desired, passes, bound)
 
@@ -642,7 +678,7 @@ class TestIdempotence:
         run = world.run(first, data.draw(RNG))
         assert set(run.failed) <= world.failing <= set(run.failed) | set(run.skipped)
         world.failing = set()
-        bound = depth + 3
+        bound = depth + 3 + bool(desired.listeners)
         passes = world.reconcile(desired, limit=bound, rng=data.draw(RNG))
         assert_fixpoint(world, desired, passes, bound)
 
@@ -792,11 +828,11 @@ class TestSpecChanges:
         old_services = {s["name"]: s for s in old_spec["services"]}
 
         def identity(spec: dict, name: str) -> tuple:
-            """What the spec hash covers: the service minus replicas/dependsOn, its exposes."""
+            """What the spec hash covers: the service minus replicas/dependsOn (exposed
+            ports are the forwarder's: exposing a service does not replace it)."""
             service = next(s for s in spec["services"] if s["name"] == name)
             fields = {k: v for k, v in service.items() if k not in ("replicas", "dependsOn")}
-            exposes = [e for e in spec["expose"] if e["service"] == name]
-            return (repr(sorted(fields.items())), repr(exposes))
+            return (repr(sorted(fields.items())),)
 
         expect_removed: set[str] = set()
         expect_created: set[str] = set()
@@ -812,10 +848,12 @@ class TestSpecChanges:
         world = FakeWorld(converged(old), IMAGES)
         depth = longest_wait(wait_graph(new, world.stack))
         assert depth is not None
-        passes = world.reconcile(new, limit=depth + 2, rng=data.draw(RNG))
-        assert_fixpoint(world, new, passes, depth + 2)
+        bound = depth + 2 + bool(new.listeners)
+        passes = world.reconcile(new, limit=bound, rng=data.draw(RNG))
+        assert_fixpoint(world, new, passes, bound)
         plans = [ps.plan for ps in passes]
-        assert set().union(*map(removed, plans)) == expect_removed
+        forwarders = {t.pod_name for t in (old.forwarder, new.forwarder) if t is not None}
+        assert set().union(*map(removed, plans)) - forwarders == expect_removed
         assert {a.template.pod_name for p in plans for a in creates(p)} == expect_created
         assert not [a for p in plans for a in of_type(p, StartPod)]
 
@@ -982,8 +1020,10 @@ PORTS = {
 
 
 class TestHostPorts:
+    """Exposed ports belong to the stack's forwarder, not to any replica (issue 10)."""
+
     def moved(self, host_ip: str = "127.0.0.1") -> dict:
-        """Port 8080 moves from web to api; web keeps 8090, so it is still recreated."""
+        """Port 8080 moves from web to api; web keeps 8090."""
         spec = copy.deepcopy(PORTS)
         spec["expose"] = [
             {"service": "web", "hostPort": 8090},
@@ -992,35 +1032,19 @@ class TestHostPorts:
         return spec
 
     @pytest.mark.parametrize("host_ip", ["127.0.0.1", "0.0.0.0"])
-    def test_the_new_holder_waits_for_the_old_holder_to_go(self, host_ip: str) -> None:
+    def test_moving_a_port_replaces_the_forwarder_and_no_replica(self, host_ip: str) -> None:
         old, new = desired_of(PORTS), desired_of(self.moved(host_ip))
-        assert all(t.recreate for t in new.pods if t.service in ("web", "api"))
+        assert not any(t.recreate or t.ports for t in new.pods)
+        assert old.forwarder is not None and new.forwarder is not None
         p = plan(new, converged(old), everything)
-        (api,) = creates(p, "api")
-        assert remove_key(pod_of(old, "web")) in step_of(p, api.key).after
-        assert remove_key(pod_of(old, "api")) in step_of(p, api.key).after
-        (web,) = creates(p, "web")  # recreated: its old pod goes first
-        assert remove_key(pod_of(old, "web")) in step_of(p, web.key).after
+        assert not creates(p) and removed(p) == {old.forwarder.pod_name}
+        [made] = [a for a in of_type(p, CreatePod) if a.template == new.forwarder]
+        assert remove_key(old.forwarder.pod_name) in step_of(p, made.key).after
         for seed in range(10):
             world = FakeWorld(converged(old), [t.image for t in new.pods])
-            assert world.run(plan(new, world.stack, world.has_image), random.Random(seed)).ok
+            passes = world.reconcile(new, rng=random.Random(seed))
+            assert all(ps.run.ok for ps in passes) and not passes[-1].plan
             assert_realised(world, new)
-
-    def test_a_port_on_another_address_does_not_wait(self) -> None:
-        old, new = desired_of(PORTS), desired_of(self.moved("127.0.0.2"))
-        p = plan(new, converged(old), everything)
-        (api,) = creates(p, "api")
-        assert remove_key(pod_of(old, "web")) not in step_of(p, api.key).after
-
-    def test_a_port_freed_by_a_removed_service_is_waited_for(self) -> None:
-        old = desired_of(PORTS)
-        spec = self.moved()
-        spec["services"] = [s for s in spec["services"] if s["name"] != "web"]
-        spec["expose"] = [e for e in spec["expose"] if e["service"] != "web"]
-        new = desired_of(spec)
-        p = plan(new, converged(old), everything)
-        (api,) = creates(p, "api")
-        assert remove_key(pod_of(old, "web")) in step_of(p, api.key).after
 
     def test_a_port_swap_runs_in_any_order(self) -> None:
         spec = copy.deepcopy(PORTS)
@@ -1036,25 +1060,97 @@ class TestHostPorts:
         old, new = desired_of(spec), desired_of(swapped)
         for seed in range(20):
             world = FakeWorld(converged(old), [t.image for t in new.pods])
-            run = world.run(plan(new, world.stack, world.has_image), random.Random(seed))
-            assert run.ok, run.failed
+            passes = world.reconcile(new, rng=random.Random(seed))
+            assert all(ps.run.ok for ps in passes), [ps.run.failed for ps in passes]
             assert_realised(world, new)
 
-    def test_a_port_kept_by_a_held_service_is_not_taken(self) -> None:
-        old = desired_of(PORTS)
-        spec = with_service(self.moved(), "web", image="localhost/web:2")
-        new = desired_of(spec)
-        world = FakeWorld(converged(old), ["localhost/api:1", "localhost/db:1", "localhost/web:1"])
-        p = plan(new, world.stack, world.has_image)
-        assert p.held["web"][0] == IMAGE_NOT_FOUND
-        assert p.held["api"][0] == WAITING_FOR_PORT and pod_of(old, "web") in p.held["api"][1]
-        assert not creates(p)
-        run = world.run(p)
-        assert run.ok, run.failed
-        world.images.add("localhost/web:2")
-        passes = world.reconcile(new)
-        assert all(ps.run.ok for ps in passes) and not passes[-1].plan
-        assert_realised(world, new)
+    def test_an_exposed_service_may_have_several_replicas_and_all_get_traffic(self) -> None:
+        spec = with_service(PORTS, "web", replicas=3)
+        desired = desired_of(spec)
+        world = FakeWorld(KEY, [t.image for t in desired.pods])
+        assert not world.reconcile(desired)[-1].plan
+        assert_realised(world, desired)  # every listener routes to all three replicas
+
+    def test_a_missing_forwarder_image_holds_the_exposed_service_only(self) -> None:
+        desired = desired_of(PORTS)
+        world = FakeWorld(KEY, [t.image for t in desired.pods])
+        world.images.discard(exposure.DEFAULT_IMAGE)
+        p = plan(desired, world.stack, world.has_image)
+        assert (
+            p.held["web"][0] == IMAGE_NOT_FOUND and "AISEMBLE_FORWARDER_IMAGE" in p.held["web"][1]
+        )
+        assert set(p.held) == {"web"}
+        assert {a.service for a in creates(p)} == {"web", "api", "db"}  # the rest comes up
+
+    def test_a_replica_still_binding_a_port_keeps_the_forwarder_waiting(self) -> None:
+        """Pods made before the forwarder bound exposed ports themselves: until such a pod
+        goes (once its successor is ready), the forwarder cannot bind the port."""
+        desired = desired_of(PORTS)
+        observed = converged(desired)
+        [web] = [t for t in desired.pods if t.service == "web"]
+        legacy = make_pod(dataclasses.replace(web, pod_name="lab-web-01d00-0",
+                                              spec_hash="01d00"), "running")  # fmt: skip
+        legacy = dataclasses.replace(legacy, host_ports=(("127.0.0.1", 8080, "tcp"),))
+        starting = make_pod(web, health="starting")
+        stack = dataclasses.replace(
+            observed,
+            pods=(*[p for p in observed.pods if p.service != "web"], legacy, starting),
+            forwarders=(),
+        )
+        p = plan(desired, stack, everything)
+        assert p.held["web"][0] == WAITING_FOR_PORT and legacy.name in p.held["web"][1]
+        assert not of_type(p, CreatePod) and legacy.name not in removed(p)
+        ready = dataclasses.replace(stack, pods=(*stack.pods[:-1], make_pod(web)))
+        p = plan(desired, ready, everything)
+        [made] = [a for a in of_type(p, CreatePod) if a.template == desired.forwarder]
+        assert remove_key(legacy.name) in step_of(p, made.key).after
+
+
+class TestTrafficDuringUpdates:
+    """The forwarder sends traffic to ready replicas only; a replica leaves its table
+    before it is removed, so an update of an exposed service is no outage."""
+
+    SPEC = {
+        "services": [svc("web", port=80, healthcheck={"command": ["true"]})],
+        "expose": [{"service": "web", "hostPort": 8080}],
+    }
+
+    def setup_method(self) -> None:
+        self.old = desired_of(self.SPEC)
+        self.new = desired_of(with_service(self.SPEC, "web", env=[{"name": "V", "value": "2"}]))
+        [self.old_web], [self.new_web] = self.old.templates("web"), self.new.templates("web")
+
+    def routed(self, stack: ObservedStack) -> set[str]:
+        [forwarder] = stack.forwarders
+        return set(dict(forwarder.routes or ())["tcp:10000"])
+
+    def alias(self, t: PodTemplate) -> str:
+        return f"{exposure.replica_alias(t.spec_hash, t.replica)}:80"
+
+    def test_a_new_replica_gets_traffic_only_once_ready_and_the_old_one_loses_it_first(
+        self,
+    ) -> None:
+        world = FakeWorld(converged(self.old), ["localhost/web:1"], start_health="starting")
+        first = plan(self.new, world.stack, world.has_image)
+        assert [a.template for a in creates(first)] == [self.new_web] and not removed(first)
+        assert world.run(first).ok
+        assert self.routed(world.stack) == {self.alias(self.old_web)}  # not ready yet
+        assert not plan(self.new, world.stack, world.has_image)  # nothing moves meanwhile
+        world.settle()  # the new replica passes its probe
+        moved = plan(self.new, world.stack, world.has_image)
+        [route] = [s for s in moved.steps if isinstance(s.action, RouteTraffic)]
+        assert dict(route.action.routes)["tcp:10000"] == (self.alias(self.new_web),)
+        [removal] = [s for s in moved.steps if isinstance(s.action, RemovePod)]
+        assert removal.action.pod == self.old_web.pod_name and route.key in removal.after
+        assert world.run(moved).ok
+        assert self.routed(world.stack) == {self.alias(self.new_web)}
+
+    def test_a_failing_update_leaves_the_old_replica_serving(self) -> None:
+        world = FakeWorld(converged(self.old), ["localhost/web:1"], start_health="unhealthy")
+        passes = world.reconcile(self.new, settle=False)
+        assert not passes[-1].plan
+        assert self.old_web.pod_name in world.pod_names
+        assert self.routed(world.stack) == {self.alias(self.old_web)}
 
 
 # -- deletion ------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ class TestNetworks:
         assert not create.internal and create.bridge is None
         assert create.labels[naming.NETWORK_MODE] == "egress"
 
-    def test_only_exposed_pods_of_an_isolated_stack_join_the_edge(self) -> None:
+    def test_only_the_forwarder_of_an_isolated_stack_joins_the_edge(self) -> None:
         services = [
             {"name": "gw", "image": "i", "port": 8080},
             {"name": "llm", "image": "i", "port": 8080},
@@ -182,7 +182,9 @@ class TestNetworks:
         desired = render(resource(services, expose=[{"service": "gw", "hostPort": 8080}]), "o")
         assert desired.edge == naming.edge_network_name(desired.key)
         edges = {t.service: t.edge for t in desired.pods}
-        assert edges == {"gw": desired.edge, "llm": None}
+        assert edges == {"gw": None, "llm": None}  # replicas never publish ports themselves
+        assert desired.forwarder is not None and desired.forwarder.edge == desired.edge
+        assert desired.forwarder.confinement.profile == "restricted"
         with_egress = render(
             resource(
                 services, expose=[{"service": "gw", "hostPort": 8080}], network={"egress": True}

@@ -60,11 +60,13 @@ def service(status, name: str):
 def test_only_healthy_replicas_are_ready() -> None:
     res = resource()
     desired = render(res, "owner")
+    said = "readiness probe failing: HTTP 503 from GET http://127.0.0.1:80/ok: loading"
     for health, reason in (("starting", "Starting"), ("unhealthy", "Unhealthy")):
-        status = fold(res, desired, with_api(res, health=health, created=NOW), PassResult(), NOW)
+        observed = with_api(res, health=health, created=NOW, probe_message=said)
+        status = fold(res, desired, observed, PassResult(), NOW)
         api = service(status, "api")
         assert (api.readyReplicas, api.reason) == (0, reason)
-        assert f"health check {health}" in api.message
+        assert said in api.message  # what the probe saw, not just a verdict
         assert status.phase == Phase.PROGRESSING and status.ready == "1/2"
     healthy = fold(res, desired, with_api(res, health="healthy"), PassResult(), NOW)
     assert healthy.phase == Phase.READY and service(healthy, "api").readyReplicas == 1
@@ -104,15 +106,55 @@ def test_the_last_error_outlives_its_repair() -> None:
 
 
 def test_a_replica_not_ready_past_the_deadline_degrades_the_stack() -> None:
+    """The deadline counts from the change, not from the replica's creation."""
     res = resource(deadline=60)
     desired = render(res, "owner")
-    young = with_api(res, health="unhealthy", created=NOW - timedelta(seconds=30))
-    assert service(fold(res, desired, young, PassResult(), NOW), "api").reason == "Unhealthy"
-    old = with_api(res, health="unhealthy", created=NOW - timedelta(seconds=61))
-    status = fold(res, desired, old, PassResult(), NOW)
+    unhealthy = with_api(res, health="unhealthy", created=NOW - timedelta(seconds=300))
+    young = PassResult(rollout_since=NOW - timedelta(seconds=30))
+    assert service(fold(res, desired, unhealthy, young, NOW), "api").reason == "Unhealthy"
+    # Nothing rolls out (its generation was ready once): an unhealthy replica is no deadline.
+    assert service(fold(res, desired, unhealthy, PassResult(), NOW), "api").reason == "Unhealthy"
+    late = PassResult(rollout_since=NOW - timedelta(seconds=61))
+    status = fold(res, desired, unhealthy, late, NOW)
     api = service(status, "api")
-    assert api.reason == "ProgressDeadlineExceeded" and "progressDeadlineSeconds 60" in api.message
+    assert api.reason == "ProgressDeadlineExceeded"
+    assert "not ready 60s after the change (progressDeadlineSeconds)" in api.message
     assert status.phase == Phase.DEGRADED
+
+
+def test_the_deadline_outranks_a_crash_loop() -> None:
+    """A crash-looping update must still reach its deadline: the rollback waits for it."""
+    res = resource(deadline=30)
+    desired = render(res, "owner")
+    pod = next(t.pod_name for t in desired.pods if t.service == "api")
+    crashed = with_api(res, state="exited", exit_code=3, health=None)
+    result = PassResult(
+        backoff=(Backoff("api", pod, 5, NOW + timedelta(seconds=60), 3),),
+        restarts={pod: 5},
+        rollout_since=NOW - timedelta(seconds=31),
+    )
+    api = service(fold(res, desired, crashed, result, NOW), "api")
+    assert api.reason == "ProgressDeadlineExceeded" and "exited with code 3" in api.message
+
+
+def test_a_crash_looping_replica_running_again_stays_in_crash_loop() -> None:
+    """Between two crashes the replica runs for a moment: no Ready/Failed flapping."""
+    res = resource()
+    desired = render(res, "owner")
+    pod = next(t.pod_name for t in desired.pods if t.service == "api")
+    running = with_api(res, health=None, settling=True)
+    for restarts, reason in ((1, "Starting"), (3, "CrashLoopBackOff")):
+        result = PassResult(
+            restarts={pod: restarts},
+            recent_restarts={pod: restarts},
+            last_exits={pod: 3},
+            logs={pod: "fatal: no model"},
+        )
+        status = fold(res, desired, running, result, NOW)
+        assert service(status, "api").reason == reason
+    assert status.phase == Phase.DEGRADED
+    message = service(status, "api").message  # what it last did, though running now
+    assert "exited with code 3, running again" in message and "fatal: no model" in message
 
 
 def test_a_missed_deadline_with_an_older_replica_still_serving_is_degraded_not_failed() -> None:
@@ -123,6 +165,7 @@ def test_a_missed_deadline_with_an_older_replica_still_serving_is_degraded_not_f
     )
     desired = render(only_api, "owner")
     late = with_api(only_api, health="unhealthy", created=NOW - timedelta(seconds=61))
+    rolling = PassResult(rollout_since=NOW - timedelta(seconds=61))
     [new] = late.pods
     old = dataclasses.replace(
         new,
@@ -130,10 +173,10 @@ def test_a_missed_deadline_with_an_older_replica_still_serving_is_degraded_not_f
         labels={**new.labels, "aisemble.io/spec-hash": "0ld00"},
         main=dataclasses.replace(new.main, health="healthy"),
     )
-    serving = fold(only_api, desired, dataclasses.replace(late, pods=(new, old)), PassResult(), NOW)
+    serving = fold(only_api, desired, dataclasses.replace(late, pods=(new, old)), rolling, NOW)
     assert service(serving, "api").reason == "ProgressDeadlineExceeded"
     assert serving.phase == Phase.DEGRADED
-    alone = fold(only_api, desired, late, PassResult(), NOW)  # nothing serves at all
+    alone = fold(only_api, desired, late, rolling, NOW)  # nothing serves at all
     assert alone.phase == Phase.FAILED
 
 

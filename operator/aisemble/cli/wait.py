@@ -6,9 +6,11 @@ import argparse
 import re
 import time
 
-from aisemble.cli.printing import error
+from aisemble.cli.printing import error, note
 from aisemble.cli.session import Session
+from aisemble.controller import Controller
 from aisemble.model import AISembleStatus, StackKey
+from aisemble.podman.errors import PodmanUnavailable
 
 POLL = 0.25
 
@@ -41,6 +43,22 @@ def cmd_wait(args: argparse.Namespace, session: Session) -> int:
         error(str(exc))
         return 2
     key = StackKey(args.namespace or "default", args.name)
+    try:
+        with session.controller() as controller:
+            return _wait(args, session, key, (kind, what, value), controller)
+    except PodmanUnavailable as exc:
+        note(f"podman does not answer, so only the stored status is watched: {exc}")
+        return _wait(args, session, key, (kind, what, value), None)
+
+
+def _wait(
+    args: argparse.Namespace,
+    session: Session,
+    key: StackKey,
+    condition: tuple[str, str, str],
+    controller: Controller | None,
+) -> int:
+    kind, what, value = condition
     deadline = time.monotonic() + args.timeout
     while True:
         stored = session.store.get(key)
@@ -51,11 +69,30 @@ def cmd_wait(args: argparse.Namespace, session: Session) -> int:
         elif stored is None:
             error(f'aisemble "{key.name}" not found in namespace "{key.namespace}"')
             return 1
-        elif met(kind, what, value, stored.status):
-            print(f"aisemble {key} {args.for_} met")
-            return 0
+        else:
+            status = _current(key, stored.status, controller)
+            if met(kind, what, value, status):
+                print(f"aisemble {key} {args.for_} met")
+                return 0
         if time.monotonic() >= deadline:
             state = stored.status.phase.value if stored and stored.status else "no status yet"
             error(f"timed out after {args.timeout:.0f}s waiting for {args.for_} on {key} ({state})")
             return 1
         time.sleep(POLL)
+
+
+def _current(
+    key: StackKey, stored: AISembleStatus | None, controller: Controller | None
+) -> AISembleStatus | None:
+    """The status as podman shows the stack now, not as it was last stored: a replica
+    may have exited since. Another process reconciling it right now writes it fresh."""
+    if controller is None:
+        return stored
+    with controller.store.lock(key, timeout=0) as mine:
+        if not mine:
+            return stored
+        try:
+            report = controller.reconciler.reconcile(key, act=False)
+        except PodmanUnavailable:
+            return stored
+    return report.status or stored

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from aisemble.model.base import StrictModel
+from aisemble.model.checks import SpecError, find_cycle, host_ports_clash, spec_problems
 from aisemble.model.probes import Probe
 from aisemble.model.quantity import parse_cpu, parse_memory
 from aisemble.model.secret import EnvVarSource
@@ -22,7 +23,6 @@ from aisemble.model.security import (
     StackNetwork,
     StackSecurity,
     TmpfsMount,
-    profile_refusal,
 )
 
 DEFAULT_MIN_READY_SECONDS = 5  # a replica without a readiness probe must stay up this long
@@ -210,7 +210,9 @@ class Service(StrictModel):
     )
     env: list[EnvVar] = Field(default_factory=list, description="Environment variables.")
     port: Port | None = Field(None, description="The port the service listens on inside its pod.")
-    replicas: int = Field(1, ge=0, le=64, description="Number of pods to run for this service.")
+    replicas: int = Field(
+        1, ge=0, le=64, description="Number of pods to run for this service, from 0 to 64."
+    )
     resources: Resources = Field(
         default_factory=Resources, description="CPU, memory and GPU limits."
     )
@@ -401,69 +403,9 @@ class AISembleSpec(StrictModel):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> AISembleSpec:
-        names = [s.name for s in self.services]
-        _reject_duplicates(names, "service name", path="services")
-        _reject_duplicates([v.name for v in self.volumes], "volume name", path="volumes")
-        by_name = {s.name: s for s in self.services}
-        volumes = {v.name for v in self.volumes}
-        for i, svc in enumerate(self.services):
-            refused = svc.securityContext and profile_refusal(
-                self.security.profile, svc.securityContext
-            )
-            if refused:
-                raise SpecError(f"services[{i}].{refused[0]}", refused[1])
-            check = svc.healthcheck
-            if check and check.http and check.http.port is None and svc.port is None:
-                raise SpecError(
-                    f"services[{i}].healthcheck.http.port",
-                    f"service {svc.name!r} has no port; set healthcheck.http.port",
-                )
-            for j, dep in enumerate(svc.dependsOn):
-                if dep not in by_name:
-                    raise SpecError(
-                        f"services[{i}].dependsOn[{j}]",
-                        f"unknown service {dep!r}; the stack has: {', '.join(names)}",
-                    )
-                if dep == svc.name:
-                    raise SpecError(
-                        f"services[{i}].dependsOn[{j}]", "a service cannot depend on itself"
-                    )
-            for j, mount in enumerate(svc.volumeMounts):
-                if mount.volume not in volumes:
-                    known = ", ".join(sorted(volumes)) or "none declared"
-                    raise SpecError(
-                        f"services[{i}].volumeMounts[{j}].volume",
-                        f"unknown volume {mount.volume!r}; spec.volumes has: {known}",
-                    )
-        if self.nodeName is not None and self.nodeSelector:
-            raise SpecError("nodeSelector", "give either nodeName or nodeSelector, not both")
-        cycle = find_cycle({s.name: s.dependsOn for s in self.services})
-        if cycle:
-            i = names.index(cycle[0])
-            raise SpecError(f"services[{i}].dependsOn", "dependency cycle: " + " -> ".join(cycle))
-        seen_host: dict[tuple[str, int, str], int] = {}
-        for i, exp in enumerate(self.expose):
-            svc = by_name.get(exp.service)
-            if svc is None:
-                raise SpecError(f"expose[{i}].service", f"unknown service {exp.service!r}")
-            if exp.port is None and svc.port is None:
-                raise SpecError(
-                    f"expose[{i}].port", f"service {svc.name!r} has no port; set expose.port"
-                )
-            if svc.replicas > 1:
-                raise SpecError(
-                    f"expose[{i}].service",
-                    f"service {svc.name!r} has {svc.replicas} replicas, but a host port can be "
-                    "bound by one pod only; expose a single-replica gateway in front of it",
-                )
-            for other in seen_host:
-                if host_ports_clash(other, (exp.hostIP, exp.hostPort, exp.protocol)):
-                    raise SpecError(
-                        f"expose[{i}].hostPort",
-                        f"host port {exp.hostPort}/{exp.protocol} is already used by "
-                        f"expose[{seen_host[other]}]",
-                    )
-            seen_host[(exp.hostIP, exp.hostPort, exp.protocol)] = i
+        problems = spec_problems(self.model_dump(mode="json"))
+        if problems:  # the first; the loader reports them all (model.checks)
+            raise problems[0]
         return self
 
     def service(self, name: str) -> Service:
@@ -473,56 +415,11 @@ class AISembleSpec(StrictModel):
         return [(e.hostIP, e.hostPort, e.protocol) for e in self.expose]
 
 
-class SpecError(ValueError):
-    """A spec-level validation error that knows which field (relative to spec) is wrong."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-def host_ports_clash(a: tuple[str, int, str], b: tuple[str, int, str]) -> bool:
-    """Two host bindings clash when port and protocol match and either binds every address."""
-    wildcard = {"0.0.0.0", "::"}
-    return a[1:] == b[1:] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
-
-
-def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
-    """Return one dependency cycle as a path that ends where it starts, or None."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in graph.get(node, []):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
-            if nxt not in state:
-                found = visit(nxt)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
-    return None
-
-
-def _reject_duplicates(values: list[str], what: str, path: str | None = None) -> None:
+def _reject_duplicates(values: list[str], what: str) -> None:
     seen: dict[str, int] = {}
     for i, value in enumerate(values):
         if value in seen:
-            message = f"duplicate {what} {value!r} (also at index {seen[value]})"
-            if path:
-                raise SpecError(f"{path}[{i}]", message)
-            raise ValueError(message)
+            raise ValueError(f"duplicate {what} {value!r} (also at index {seen[value]})")
         seen[value] = i
 
 

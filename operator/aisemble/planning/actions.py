@@ -92,6 +92,47 @@ class StartPod:
 
 
 @dataclass(frozen=True)
+class RestartPod:
+    """A running replica its liveness or startup probe gave up on: stopped, then started."""
+
+    done = "Restarted"
+    failed = "RestartFailed"
+
+    stack: StackKey
+    service: str
+    pod: str
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"pod/{self.pod}/restart"
+
+    def describe(self) -> str:
+        return f"restart pod {self.pod} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class RouteTraffic:
+    """Give a stack's forwarder its routing table: each listener's ready upstreams."""
+
+    done = "Routed"
+    failed = "RouteFailed"
+
+    stack: StackKey
+    pod: str
+    container: str  # the forwarder's container id
+    routes: tuple[tuple[str, tuple[str, ...]], ...]  # listener -> upstreams
+
+    @property
+    def key(self) -> str:
+        return f"pod/{self.pod}/routes"
+
+    def describe(self) -> str:
+        table = ", ".join(f"{listener} -> {len(up)} replica(s)" for listener, up in self.routes)
+        return f"route traffic of pod {self.pod} ({table})"
+
+
+@dataclass(frozen=True)
 class RemovePod:
     done = "Removed"
     failed = "RemoveFailed"
@@ -164,7 +205,16 @@ class RemoveVolume:
 
 
 Action = (
-    CreateNetwork | CreateVolume | CreatePod | StartPod | RemovePod | RemoveNetwork | RemoveVolume
+    CreateNetwork
+    | CreateVolume
+    | CreatePod
+    | StartPod
+    | RestartPod
+    | RouteTraffic
+    | RemovePod
+    | RemoveContainer
+    | RemoveNetwork
+    | RemoveVolume
 )
 
 

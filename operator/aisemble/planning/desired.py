@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from aisemble.model import AISemble, Service, StackKey
 from aisemble.model.quantity import parse_cpu, parse_memory
-from aisemble.planning import naming
+from aisemble.model.security import StackSecurity
+from aisemble.planning import exposure, naming
+from aisemble.planning.exposure import Listener
 from aisemble.planning.gpu import Device, env_for
+from aisemble.planning.probing import Probes, probes_of
 from aisemble.planning.secrets import Resolution, split_env, versioned
 from aisemble.planning.security import Confinement, confine
 
@@ -39,17 +41,6 @@ class Mount:
     volume: str  # the podman volume's name
     path: str
     read_only: bool = False
-
-
-@dataclass(frozen=True)
-class Probe:
-    """A health check as podman runs it: a shell command and its timing."""
-
-    command: str
-    interval: int
-    timeout: int
-    retries: int
-    start_period: int
 
 
 @dataclass(frozen=True)
@@ -75,7 +66,7 @@ class PodTemplate:
     memory_bytes: int | None
     stop_timeout: int
     labels: tuple[tuple[str, str], ...] = field(default=())
-    probe: Probe | None = None
+    probes: Probes | None = None  # run by the operator (planning.probing)
     devices: tuple[str, ...] = ()  # CDI device names handed to podman
     # Replaced by removing the old replica first, not by starting the new one beside it:
     # a host port or an exclusive device cannot be held by two replicas at once.
@@ -109,7 +100,9 @@ class DesiredStack:
     suspend: bool
     labels: dict[str, str]
     network_mode: str = naming.NETWORK_ISOLATED  # what the stack's network lets through
-    edge: str | None = None  # for exposed pods when the stack's network is isolated
+    edge: str | None = None  # for the forwarder when the stack's network is isolated
+    forwarder: PodTemplate | None = None  # publishes the exposed ports (planning.exposure)
+    listeners: tuple[Listener, ...] = ()  # the forwarder's, in spec.expose order
 
     def templates(self, service: str) -> list[PodTemplate]:
         return [p for p in self.pods if p.service == service]
@@ -120,6 +113,7 @@ def render(
     owner: str,
     gpus: Mapping[tuple[str, int], Sequence[Device]] | None = None,
     secrets: Resolution | None = None,
+    forwarder_image: str = exposure.DEFAULT_IMAGE,
 ) -> DesiredStack:
     """The stack's pods; `gpus` gives each replica (service, replica) its allocated devices.
 
@@ -132,27 +126,24 @@ def render(
     spec = resource.spec
     network = naming.network_name(key)
     egress = spec.network.egress
-    # An isolated (internal) network cannot publish ports: exposed pods join a second one.
+    # An isolated (internal) network cannot publish ports: the forwarder joins a second one.
     edge = naming.edge_network_name(key) if spec.expose and not egress else None
     base_labels = naming.stack_labels(owner, key)
     pods: list[PodTemplate] = []
     order = service_order(resource)
     for name in order:
         service = spec.service(name)
-        bindings = tuple(
-            PortBinding(e.hostIP, e.hostPort, e.port or service.port or 0, e.protocol)
-            for e in spec.expose
-            if e.service == name
-        )
+        bindings: tuple[PortBinding, ...] = ()  # the forwarder publishes exposed ports
         mounts = tuple(
             Mount(naming.volume_name(key, m.volume), m.mountPath, m.readOnly)
             for m in service.volumeMounts
         )
         confinement = confine(resource, service)
+        probes = probes_of(service)
         plain_env, secret_env, secret_versions = split_env(service, secrets or {})
         for replica in range(service.replicas):
             devices = tuple(gpus.get((name, replica), ()))
-            on_edge = edge if bindings else None
+            on_edge = None
             spec_hash = _hash(
                 key, service, network, bindings, mounts, devices, confinement, on_edge, egress
             )
@@ -178,7 +169,7 @@ def render(
                     container_name=naming.container_name(pod),
                     hostname=f"{name}-{replica}",
                     network=network,
-                    aliases=(name, f"{name}-{replica}"),
+                    aliases=(name, f"{name}-{replica}", exposure.replica_alias(spec_hash, replica)),
                     image=service.image,
                     command=tuple(service.command) if service.command is not None else None,
                     args=tuple(service.args) if service.args is not None else None,
@@ -193,11 +184,10 @@ def render(
                     ),
                     stop_timeout=service.terminationGracePeriodSeconds,
                     labels=tuple(sorted(labels.items())),
-                    probe=_probe(service),
+                    probes=probes,
                     confinement=confinement,
                     edge=on_edge,
-                    recreate=bool(bindings)
-                    or (
+                    recreate=(
                         service.resources.wants_gpus and service.resources.gpuSharing == "exclusive"
                     ),
                 )
@@ -216,33 +206,78 @@ def render(
         labels=base_labels,
         network_mode=naming.NETWORK_EGRESS if egress else naming.NETWORK_ISOLATED,
         edge=edge,
+        forwarder=_forwarder(resource, network, edge, base_labels, forwarder_image),
+        listeners=exposure.listeners(resource),
     )
 
 
-def _probe(service: Service) -> Probe | None:
-    check = service.healthcheck
-    if check is None:
+def _forwarder(
+    resource: AISemble, network: str, edge: str | None, labels: dict[str, str], image: str
+) -> PodTemplate | None:
+    """The pod publishing the stack's exposed ports; None when it exposes none.
+
+    It runs under the restricted profile whatever the stack's, with no volumes, no
+    secrets and no route anywhere but the stack's network and the published ports.
+    """
+    key, found = resource.key, exposure.listeners(resource)
+    if not found:
         return None
-    if check.command is not None:
-        command = " ".join(shlex.quote(part) for part in check.command)
-    else:
-        assert check.http is not None
-        port = check.http.port or service.port
-        url = shlex.quote(f"http://127.0.0.1:{port}{check.http.path}")
-        # Whichever HTTP client the image has: busybox and Debian images carry wget or
-        # curl, Python images python3.
-        command = (
-            f"wget -q -O /dev/null {url} 2>/dev/null || curl -fsS -o /dev/null {url} 2>/dev/null "
-            f"|| python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], "
-            f"timeout={check.timeoutSeconds})' {url}"
-        )
-    return Probe(
-        command=command,
-        interval=check.intervalSeconds,
-        timeout=check.timeoutSeconds,
-        retries=check.retries,
-        start_period=check.startPeriodSeconds,
+    bindings = tuple(
+        PortBinding(e.hostIP, e.hostPort, listener.port, e.protocol)
+        for e, listener in zip(resource.spec.expose, found, strict=True)
     )
+    restricted = resource.spec.model_copy(update={"security": StackSecurity()})
+    confinement = confine(
+        resource.model_copy(update={"spec": restricted}),
+        Service(name=exposure.SERVICE, image=image),
+    )
+    text = json.dumps(
+        {
+            "stack": list(key),
+            "image": image,
+            "ports": [asdict(b) for b in bindings],
+            "networks": [network, edge],
+            "confinement": confinement.hash_fields(),
+            "revision": exposure.FORWARDER_REVISION,
+        },
+        sort_keys=True,
+    )
+    spec_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    pod = naming.forwarder_pod_name(key, spec_hash)
+    labels = {
+        **labels,
+        naming.FORWARDER: "true",
+        naming.SPEC_HASH: spec_hash,
+        naming.HOST_PORTS: naming.encode_host_ports([b.host for b in bindings]),
+        naming.SECURITY_PROFILE: confinement.profile,
+    }
+    return PodTemplate(
+        stack=key,
+        service=exposure.SERVICE,
+        replica=0,
+        spec_hash=spec_hash,
+        pod_name=pod,
+        container_name=naming.container_name(pod),
+        hostname=exposure.SERVICE,
+        network=network,
+        aliases=(),
+        image=image,
+        command=None,  # the driver runs the forwarder's program (podman/forwarder)
+        args=None,
+        env=(),
+        ports=bindings,
+        mounts=(),
+        nano_cpus=None,
+        memory_bytes=FORWARDER_MEMORY,
+        stop_timeout=2,
+        labels=tuple(sorted(labels.items())),
+        confinement=confinement,
+        edge=edge,
+        recreate=True,
+    )
+
+
+FORWARDER_MEMORY = 128 * 2**20
 
 
 def service_order(resource: AISemble) -> list[str]:
@@ -289,6 +324,10 @@ def _hash(
         "ports": [asdict(b) for b in bindings],
         "mounts": [asdict(m) for m in mounts],
     }
+    if service.healthcheck is not None:
+        # Health checks moved from podman (a shell in the image) to the operator's probes:
+        # such replicas are made again once, to carry them.
+        relevant["probes"] = "operator"
     if devices:  # only then, so stacks without GPUs keep their hashes
         relevant["devices"] = [d.id for d in devices]
     if confinement is not None:

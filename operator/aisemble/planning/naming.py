@@ -22,7 +22,9 @@ REPLICA = PREFIX + "replica"
 SPEC_HASH = PREFIX + "spec-hash"
 ROLE = PREFIX + "role"
 HOST_PORTS = PREFIX + "host-ports"
-HEALTH_INTERVAL = PREFIX + "health-interval"  # seconds between health checks
+HEALTH_INTERVAL = PREFIX + "health-interval"  # seconds between health checks (before probes)
+FORWARDER = PREFIX + "forwarder"  # "true" on the pod publishing a stack's exposed ports
+PROBES = PREFIX + "probes"  # a container's probes and stability window (planning.probing)
 REVISION = PREFIX + "revision"  # the generation a pod was made from
 SECURITY_PROFILE = PREFIX + "security-profile"  # the profile a service's pods run under
 # On a stack's networks: what they let through (see NETWORK_* below).
@@ -71,6 +73,11 @@ def pod_name(key: StackKey, service: str, replica: int, spec_hash: str) -> str:
     # The hash (which covers namespace, stack and service) keeps names unique even where
     # dashes make `stack-service` ambiguous, and lets a new revision sit beside the old.
     return f"{key.name}-{service}-{spec_hash[:5]}-{replica}"
+
+
+def forwarder_pod_name(key: StackKey, spec_hash: str) -> str:
+    # No replica suffix: no service's replica pod (always `...-<replica>`) has this name.
+    return f"{key.name}-expose-{spec_hash[:5]}"
 
 
 def status_pod_name(key: StackKey) -> str:

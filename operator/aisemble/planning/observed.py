@@ -25,8 +25,11 @@ class ObservedContainer:
     started_at: datetime | None = None
     exited_at: datetime | None = None
     created: datetime | None = None
-    # healthy, unhealthy or starting, from the container's health check; None: it has none
+    # healthy, unhealthy or starting, from the container's probes; None: nothing gates it
     health: str | None = None
+    probe_message: str = ""  # what a failing probe said
+    restart: str | None = None  # why a liveness or startup probe wants it restarted
+    settling: bool = False  # running for less than its stability window (minReadySeconds)
 
     @property
     def running(self) -> bool:
@@ -34,8 +37,8 @@ class ObservedContainer:
 
     @property
     def ready(self) -> bool:
-        """Running, and healthy if it has a health check."""
-        return self.running and self.health in (None, HEALTHY)
+        """Running past its stability window, and passing its readiness probe if any."""
+        return self.running and self.health in (None, HEALTHY) and not self.settling
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class ObservedPod:
     main: ObservedContainer | None = None  # the service's container; None when it is gone
     host_ports: tuple[tuple[str, int, str], ...] = ()
     created: datetime | None = None
+    # A forwarder's routing table as last set by this process; None: not known.
+    routes: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     @property
     def service(self) -> str | None:
@@ -90,11 +95,13 @@ class ObservedStack:
     network_mode: str = naming.NETWORK_ISOLATED
     edge: str | None = None  # the network exposed pods publish on (naming.edge_network_name)
     edge_created: datetime | None = None
+    forwarders: tuple[ObservedPod, ...] = ()  # pods publishing its exposed ports
 
     @property
     def empty(self) -> bool:
         return (
             not self.pods
+            and not self.forwarders
             and self.network is None
             and self.edge is None
             and not self.volumes
@@ -148,12 +155,20 @@ class Observed:
             if key is None:
                 return None
             return grouped.setdefault(
-                key, {"pods": [], "networks": [], "volumes": [], "strays": [], "status": None}
+                key,
+                {
+                    "pods": [],
+                    "forwarders": [],
+                    "networks": [],
+                    "volumes": [],
+                    "strays": [],
+                    "status": None,
+                },
             )
 
         for pod in pods:
             if (b := bucket(pod.labels)) is not None:
-                b["pods"].append(pod)
+                b["forwarders" if pod.labels.get(naming.FORWARDER) else "pods"].append(pod)
         created: dict[str, datetime | None] = {}
         modes: dict[str, str] = {}
         for name, labels, *when in networks:
@@ -185,6 +200,7 @@ class Observed:
                 modes.get(own, naming.NETWORK_ISOLATED),
                 edge if edge in b["networks"] else None,
                 created.get(edge),
+                tuple(sorted(b["forwarders"], key=lambda p: p.name)),
             )
         return Observed(
             stacks=stacks,

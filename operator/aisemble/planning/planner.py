@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from aisemble.model import StackKey
 from aisemble.model.spec import host_ports_clash
-from aisemble.planning import naming
+from aisemble.planning import exposure, naming
 from aisemble.planning.actions import (
     Backoff,
     CreateNetwork,
@@ -25,6 +25,8 @@ from aisemble.planning.actions import (
     RemoveNetwork,
     RemovePod,
     RemoveVolume,
+    RestartPod,
+    RouteTraffic,
     StartPod,
     Step,
 )
@@ -36,15 +38,14 @@ WAITING_FOR_DEPENDENCY = "WaitingForDependency"
 WAITING_FOR_PORT = "WaitingForPort"
 
 
-# Crashed replicas are restarted at once the first time, then after 2, 4, 8 ... seconds
-# (at most 5 minutes) while they keep crashing; 3 restarts in 10 minutes is a crash loop.
+# A crashed replica is retried once at once by podman's restart policy (one try, given
+# back by every start); past that the operator starts it after 2, 4, 8 ... seconds (at
+# most 5 minutes), counting its own starts of the last 10 minutes. 3 restarts of any
+# kind in 10 minutes is a crash loop.
 RESTART_WINDOW = timedelta(minutes=10)
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
 CRASH_LOOP_RESTARTS = 3
-# Podman's restart policy brings a failed process back within a tenth of a second, and
-# a start of ours would race it (and re-arm its retries): it gets this long to act.
-POLICY_GRACE = timedelta(seconds=2)
 
 
 def plan(
@@ -58,8 +59,8 @@ def plan(
 ) -> Plan:
     """The steps that turn `observed` into `desired` (None: the stack was deleted).
 
-    `restarts` holds each pod's recent restarts; with `now`, a replica that keeps
-    crashing is restarted only after its back-off (and the plan says when).
+    `restarts` holds the restarts the operator made of each pod; with `now`, a replica
+    that keeps crashing is restarted only after its back-off (and the plan says when).
     `holds` are services the caller already knows cannot start (no GPU free):
     they keep what runs, and their dependents wait.
     """
@@ -71,16 +72,15 @@ def plan(
 
 
 def backoff_delay(restarts: int) -> float:
-    """Seconds to wait before restarting a replica restarted `restarts` times lately."""
-    if restarts <= 0:
-        return 0.0
-    return min(BACKOFF_BASE * 2 ** (restarts - 1), BACKOFF_CAP)
+    """Seconds the operator waits before its next start of a replica it started
+    `restarts` times lately: 2, 4, 8 ... (podman's immediate try comes first)."""
+    return min(BACKOFF_BASE * 2 ** max(restarts, 0), BACKOFF_CAP)
 
 
 def _teardown(observed: ObservedStack, purge_volumes: bool) -> Plan:
     removals = [
-        Step(RemovePod(observed.key, p.service or "?", p.name, "stack deleted"))
-        for p in sorted(observed.pods, key=lambda p: p.name)
+        Step(RemovePod(observed.key, p.service or exposure.SERVICE, p.name, "stack deleted"))
+        for p in sorted((*observed.pods, *observed.forwarders), key=lambda p: p.name)
     ] + [Step(RemoveContainer(observed.key, c.name)) for c in observed.strays]
     after = tuple(s.key for s in removals)
     steps = list(removals)
@@ -113,13 +113,12 @@ class _Planner:
         self.removals: list[tuple[Step, ObservedPod]] = []
         self.backoff: list[Backoff] = []
         self._template_names = {t.pod_name for t in desired.pods}
+        self.expose_held: tuple[str, str] | None = None  # why the forwarder cannot run
 
     def run(self) -> Plan:
         infra = self._infrastructure()
         slots = self._slots()
         self._hold_unavailable(slots)
-        for pod, port, taker in self._handovers(slots):
-            self._remove(pod, f"host port {port[1]}/{port[2]} moves to service {taker}")
         # Every removal is planned before any creation, so a creation can wait for
         # the removal that frees its host port, whichever service held it.
         current = {
@@ -129,6 +128,10 @@ class _Planner:
         }
         for service, pods in current.items():
             self._bring_up(service, pods, infra)
+        self._expose(infra)
+        if self.expose_held is not None:  # the exposed services are not reachable
+            for listener in self.desired.listeners:
+                self.held.setdefault(listener.service, self.expose_held)
         requeue = None
         if self.backoff and self.now is not None:
             requeue = max(0.0, min((b.until - self.now).total_seconds() for b in self.backoff))
@@ -219,17 +222,15 @@ class _Planner:
         made, network = pod.created, self.observed.network_created
         if made is not None and network is not None and made < network:
             return True
-        # Likewise for the edge network of a pod that publishes ports.
+        # Likewise for the edge network of the pod that publishes ports.
         edge = self.observed.edge_created
         return bool(pod.host_ports) and made is not None and edge is not None and made < edge
 
     def _hold_unavailable(self, slots: dict[tuple[str, int], list[ObservedPod]]) -> None:
         """Services that cannot start this pass keep what runs now, untouched.
 
-        A service is held when its image is missing, when a dependency is held, or
-        when a host port it binds is still bound by a pod of a held service (that
-        pod stays, so the port stays taken). Holding one service can hold others,
-        so this runs until nothing changes.
+        A service is held when its image is missing or a dependency is held or not
+        ready. Holding one service can hold others, so this runs until nothing changes.
         """
         for service in self.desired.order:
             if service in self.held:
@@ -246,14 +247,6 @@ class _Planner:
         changed = True
         while changed:
             changed = False
-            handed = {pod.name for pod, _, _ in self._handovers(slots)}
-            kept = [
-                p
-                for (svc, _), pods in sorted(slots.items())
-                if svc in self.held
-                for p in pods
-                if p.name not in handed
-            ]
             for service in self.desired.order:
                 if service in self.held:
                     continue
@@ -264,60 +257,26 @@ class _Planner:
                     for d in self.desired.depends_on[service]
                     if d in self.held or not self._ready(d, slots)
                 ]
-                blocked = [
-                    (binding.host, pod)
-                    for template in self.desired.templates(service)
-                    for binding in template.ports
-                    for pod in kept
-                    if pod.service != service
-                    and any(host_ports_clash(binding.host, held) for held in pod.host_ports)
-                ]
                 if waiting:
                     self.held[service] = (
                         WAITING_FOR_DEPENDENCY,
                         "waiting for "
-                        + ", ".join(
-                            f"{d} ({self.held[d][0] if d in self.held else 'not ready yet'})"
-                            for d in waiting
-                        ),
-                    )
-                elif blocked:
-                    (ip, port, proto), pod = blocked[0]
-                    self.held[service] = (
-                        WAITING_FOR_PORT,
-                        f"host port {ip}:{port}/{proto} is still bound by pod {pod.name} of "
-                        f"service {pod.service} ({self.held[pod.service or ''][0]})",
+                        + ", ".join(f"{d} ({self._why_waiting(d)})" for d in waiting),
                     )
                 else:
                     continue
                 changed = True
 
-    def _handovers(
-        self, slots: dict[tuple[str, int], list[ObservedPod]]
-    ) -> list[tuple[ObservedPod, tuple[str, int, str], str]]:
-        """Old pods binding a host port that the spec now gives another service.
-
-        They go now, whatever their own service waits for: the port has moved, and
-        keeping it would leave the new holder waiting, possibly for them (a service
-        waiting for its dependency while the dependency waits for its port). Only a
-        service held for a missing image keeps its pods: nothing could replace them.
-        """
-        found = []
-        for (service, _), pods in sorted(slots.items()):
-            if self.held.get(service, ("",))[0] == IMAGE_NOT_FOUND:
-                continue
-            for pod in pods:
-                for port in pod.host_ports:
-                    takers = [
-                        t.service
-                        for t in self.desired.pods
-                        if t.service != service
-                        and any(host_ports_clash(b.host, port) for b in t.ports)
-                    ]
-                    if takers:
-                        found.append((pod, port, takers[0]))
-                        break
-        return found
+    def _why_waiting(self, dependency: str) -> str:
+        """Why a dependency is not ready, in the words progress output uses."""
+        if dependency not in self.held:
+            return "not ready yet"
+        reason = self.held[dependency][0]
+        return {
+            WAITING_FOR_DEPENDENCY: "itself waiting for a dependency",
+            WAITING_FOR_PORT: "waiting for a host port",
+            IMAGE_NOT_FOUND: "its image is missing",
+        }.get(reason, "held: " + reason)
 
     def _current(
         self, template: PodTemplate, slots: dict[tuple[str, int], list[ObservedPod]]
@@ -370,6 +329,13 @@ class _Planner:
                 keep = None
             stale = [p for p in pods if p is not keep and p not in self._removed()]
             recreate = template.recreate or any(p.name == template.pod_name for p in stale)
+            # At most one older replica serves beside the new one (maxSurge 1): the newest
+            # ready one. Older ones, and unready ones of specs already superseded, go.
+            serving = max(
+                (p for p in stale if p.ready),
+                key=lambda p: (p.created is not None, p.created),
+                default=None,
+            )
             for pod in stale:
                 stranded = self._stranded(pod)  # serves nobody: nothing to keep it for
                 # A pod carrying the name of a replica to be created goes first, whichever
@@ -379,6 +345,8 @@ class _Planner:
                     removals.append(self._remove(pod, why))
                 elif keep is not None and keep.ready:
                     self._remove(pod, "replaced by a ready replica of the new spec")
+                elif pod is not serving:
+                    self._remove(pod, "superseded by a newer spec")
                 # else: it serves until its successor is ready
             kept[template.replica] = (keep, removals)
         return kept
@@ -397,6 +365,8 @@ class _Planner:
             if pod is None:
                 after = self._infra_keys(template, infra) + removals + self._holders(template)
                 step = Step(CreatePod(self.key, template), _unique(after))
+            elif pod.running and pod.main is not None and pod.main.restart:
+                step = Step(RestartPod(self.key, service, pod.name, pod.main.restart))
             elif not pod.running:
                 if self._backing_off(service, pod):
                     continue
@@ -406,6 +376,81 @@ class _Planner:
                 continue
             self.steps.append(step)
 
+    def _expose(self, infra: dict[str, str]) -> None:
+        """The forwarder publishing the exposed ports, and its routes to ready replicas.
+
+        Replicas leave its routing table before they are removed: every removal of an
+        exposed service's pod waits for the table's update.
+        """
+        want = self.desired.forwarder
+        current = None
+        for pod in self.observed.forwarders:
+            if (
+                want is not None
+                and current is None
+                and pod.name == want.pod_name
+                and pod.spec_hash == want.spec_hash
+                and pod.main is not None
+                and not self._stranded(pod)
+            ):
+                current = pod
+            else:
+                self._remove(pod, "its exposed ports changed" if want else "nothing is exposed")
+        if want is None:
+            return
+        if current is None:
+            self.expose_held = self._forwarder_blocked(want)
+            if self.expose_held is None:
+                after = self._infra_keys(want, infra) + self._holders(want)
+                self.steps.append(Step(CreatePod(self.key, want), _unique(after)))
+            return
+        assert current.main is not None
+        if not current.running:
+            state = current.main.state
+            self.steps.append(
+                Step(StartPod(self.key, exposure.SERVICE, current.name, f"was {state}"))
+            )
+            return
+        leaving = {pod.name for pod in self._removed()}
+        table = exposure.routes(self.desired.listeners, self.observed.pods, leaving)
+        if current.routes == table:
+            return
+        route = Step(RouteTraffic(self.key, current.name, current.main.id, table))
+        exposed = {listener.service for listener in self.desired.listeners}
+        self.steps = [
+            Step(s.action, _unique([*s.after, route.key]))
+            if isinstance(s.action, RemovePod) and s.action.service in exposed
+            else s
+            for s in self.steps
+        ]
+        self.steps.append(route)
+
+    def _forwarder_blocked(self, want: PodTemplate) -> tuple[str, str] | None:
+        """Why the forwarder cannot be made this pass, if it cannot."""
+        if not self.has_image(want.image):
+            return (
+                IMAGE_NOT_FOUND,
+                f"the exposed ports' forwarder needs the image {want.image} (python3), which is "
+                "not present; build it (aisemble images build base), or name another image "
+                "with python3 in AISEMBLE_FORWARDER_IMAGE",
+            )
+        leaving = {pod.name for pod in self._removed()}
+        for pod in self.observed.pods:  # replicas made before ports moved to the forwarder
+            clash = [
+                b.host
+                for b in want.ports
+                for held in pod.host_ports
+                if host_ports_clash(b.host, held)
+            ]
+            if clash and pod.name not in leaving:
+                ip, port, proto = clash[0]
+                return (
+                    WAITING_FOR_PORT,
+                    f"host port {ip}:{port}/{proto} is still bound by pod {pod.name}, which "
+                    "serves until its successor is ready",
+                )
+        return None
+
     def _backing_off(self, service: str, pod: ObservedPod) -> bool:
         """Whether a crashed replica must wait before it is started again."""
         if self.now is None:
@@ -413,13 +458,11 @@ class _Planner:
         recent = [t for t in self.restarts.get(pod.name, ()) if self.now - t <= RESTART_WINDOW]
         exited = pod.main.exited_at if pod.main else None
         exit_code = pod.main.exit_code if pod.main else 0
-        waits = []
-        if recent:
-            since = max([*recent, *([exited] if exited else [])])
-            waits.append(since + timedelta(seconds=backoff_delay(len(recent))))
-        if exited is not None and exit_code != 0:
-            waits.append(exited + POLICY_GRACE)
-        if not waits or self.now >= (until := max(waits)):
+        since = [*recent, *([exited] if exited else [])]
+        if not since:
+            return False  # never ran or exit unknown, nothing to wait for
+        until = max(since) + timedelta(seconds=backoff_delay(len(recent)))
+        if self.now >= until:
             return False
         self.backoff.append(Backoff(service, pod.name, len(recent), until, exit_code))
         return True

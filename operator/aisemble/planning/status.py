@@ -20,7 +20,7 @@ from aisemble.model import (
     Phase,
     ServiceStatus,
 )
-from aisemble.planning import naming
+from aisemble.planning import exposure, naming
 from aisemble.planning.actions import Backoff
 from aisemble.planning.desired import DesiredStack
 from aisemble.planning.gpu import UNSCHEDULABLE
@@ -65,6 +65,11 @@ class PassResult:
     backoff: tuple[Backoff, ...] = ()  # crashed replicas waiting to be started again
     logs: Mapping[str, str] = field(default_factory=dict)  # pod -> last lines of its output
     restarts: Mapping[str, int] = field(default_factory=dict)  # pod -> restarts recorded
+    recent_restarts: Mapping[str, int] = field(default_factory=dict)  # within RESTART_WINDOW
+    last_exits: Mapping[str, int] = field(default_factory=dict)  # pod -> its last exit code
+    # When the change being rolled out was made; None when the running generation was
+    # ready once (or is a rollback's): the progress deadline counts from here.
+    rollout_since: datetime | None = None
     pinned: int | None = None  # a rollback runs this generation instead of the spec's
     gpus: Mapping[str, list[str]] = field(default_factory=dict)  # service -> CDI names held
     lost_gpus: Mapping[str, list[str]] = field(default_factory=dict)  # service -> devices gone
@@ -79,8 +84,13 @@ def fold(
     previous: AISembleStatus | None = None,
 ) -> AISembleStatus:
     before = {s.name: s for s in (previous.services if previous else [])}
+    routed = _routed(desired, observed)
     services = [
-        _service_status(resource, desired, observed, result, name, now, before.get(name))
+        _exposed(
+            _service_status(resource, desired, observed, result, name, now, before.get(name)),
+            desired,
+            routed,
+        )
         for name in _names(resource)
     ]
     ready = [s for s in services if s.readyReplicas >= s.desiredReplicas and not s.reason]
@@ -136,9 +146,11 @@ def fold(
         Endpoint(
             service=e.service,
             url=_url(e.hostIP, e.hostPort, e.protocol),
-            ready=e.service in ready_names,
+            ready=e.service in ready_names
+            and routed.get(listener.key, False)
+            and any(p.ready for p in observed.pods if p.service == e.service),
         )
-        for e in resource.spec.expose
+        for e, listener in zip(resource.spec.expose, desired.listeners, strict=False)
     ]
     return AISembleStatus(
         observedGeneration=generation,
@@ -149,6 +161,46 @@ def fold(
         conditions=conditions,
         services=services,
         endpoints=endpoints,
+    )
+
+
+def _routed(desired: DesiredStack, observed: ObservedStack) -> dict[str, bool]:
+    """Per listener: whether the current forwarder runs and sends it to exactly the ready
+    replicas (a stale or unknown table is not routed: the next pass sets it)."""
+    want = desired.forwarder
+    current = [
+        p for p in observed.forwarders if want is not None and p.name == want.pod_name and p.running
+    ]
+    if not current or current[0].routes is None:
+        return {}
+    wanted = dict(exposure.routes(desired.listeners, observed.pods))
+    routes = dict(current[0].routes)
+    return {
+        listener.key: routes.get(listener.key) == wanted[listener.key]
+        for listener in desired.listeners
+    }
+
+
+def _exposed(
+    status: ServiceStatus, desired: DesiredStack, routed: dict[str, bool]
+) -> ServiceStatus:
+    """A service whose replicas are ready is not ready until its exposed ports send to
+    them (the forwarder runs, with the current table)."""
+    if status.reason or status.readyReplicas < status.desiredReplicas:
+        return status
+    waiting = [
+        listener.key
+        for listener in desired.listeners
+        if listener.service == status.name and not routed.get(listener.key, False)
+    ]
+    if not waiting:
+        return status
+    return status.model_copy(
+        update={
+            "reason": "Exposing",
+            "message": "its exposed ports do not reach its ready replicas yet "
+            "(the forwarder is starting or being given its routes)",
+        }
     )
 
 
@@ -185,12 +237,23 @@ def _service_status(
     elif backoff:
         reason, message = _backoff_message(backoff[0], result)
     elif ready < service.replicas:
-        reason, message = _not_ready(
-            current, service.replicas, ready, result, now, resource.spec.progressDeadlineSeconds
-        )
+        reason, message = _not_ready(current, service.replicas, ready, result)
     elif len(pods) > len(current):
         reason = "Updating"
         message = f"{len(pods) - len(current)} replica(s) of an older spec to remove"
+    deadline = resource.spec.progressDeadlineSeconds
+    since = result.rollout_since
+    if (
+        since is not None
+        and not resource.suspended
+        and ready < service.replicas
+        and (now - since).total_seconds() > deadline
+    ):
+        # The change did not take in time, whatever the replicas are doing meanwhile
+        # (crash looping included): this is what a rollback waits for.
+        why = f": {message}" if message else ""
+        reason = DEADLINE_EXCEEDED
+        message = f"not ready {deadline}s after the change (progressDeadlineSeconds){why}"
     if resource.suspended and reason in ("Starting", "Updating"):
         reason, message = "Suspended", "reconciling is suspended; " + message
     if name in result.lost_gpus:
@@ -231,10 +294,11 @@ def _backoff_message(b: Backoff, result: PassResult) -> tuple[str, str]:
     # The back-off's length, not the time left: a message that changes every second
     # would be a new status every pass.
     delay = round(backoff_delay(b.restarts))
+    restarts = max(result.recent_restarts.get(b.pod, 0), b.restarts)  # podman's too
     text = f"pod {b.pod}: exited with code {b.exit_code}; "
-    if b.restarts >= CRASH_LOOP_RESTARTS:
+    if restarts >= CRASH_LOOP_RESTARTS:
         window = int(RESTART_WINDOW.total_seconds() // 60)
-        text += f"restarted {b.restarts} times in {window} minutes, back-off {delay}s"
+        text += f"restarted {restarts} times in {window} minutes, back-off {delay}s"
         tail = " | ".join(line for line in result.logs.get(b.pod, "").splitlines()[-5:] if line)
         if tail:
             text += f"; its last output: {tail}"
@@ -243,36 +307,56 @@ def _backoff_message(b: Backoff, result: PassResult) -> tuple[str, str]:
 
 
 def _not_ready(
-    current: list, replicas: int, ready: int, result: PassResult, now: datetime, deadline: int
+    current: list[ObservedPod],
+    replicas: int,
+    ready: int,
+    result: PassResult,
 ) -> tuple[str, str]:
-    # The newest replica still not ready after the deadline: the change did not take.
-    late = [
+    # A replica that keeps crashing stays in CrashLoopBackOff while it runs again, until
+    # it stays up for its stability window: no Ready/Failed flapping on every restart.
+    looping = [
         p
         for p in current
-        if not p.ready and p.created is not None and (now - p.created).total_seconds() > deadline
+        if not p.ready and result.recent_restarts.get(p.name, 0) >= CRASH_LOOP_RESTARTS
     ]
-    if late:
-        p = late[0]
-        why = (
-            f"health check {p.main.health}"
-            if p.main and p.main.health
-            else (p.main.state if p.main else "no container")
-        )
-        return DEADLINE_EXCEEDED, (
-            f"pod {p.name} is not ready {int((now - p.created).total_seconds())}s after it was "
-            f"created (progressDeadlineSeconds {deadline}; {why})"
-        )
-    exited = [p for p in current if p.main is not None and p.main.state == "exited"]
+    if looping:
+        p = looping[0]
+        window = int(RESTART_WINDOW.total_seconds() // 60)
+        count = result.recent_restarts[p.name]
+        if p.running:  # up again for a moment: podman shows no exit code now
+            code = result.last_exits.get(p.name)
+            now_ = f"exited with code {code if code is not None else '?'}, running again"
+        else:
+            now_ = f"exited with code {p.main.exit_code if p.main else '?'}"
+        tail = " | ".join(line for line in result.logs.get(p.name, "").splitlines()[-5:] if line)
+        if tail:
+            now_ += f"; its last output: {tail}"
+        return CRASH_LOOP, f"pod {p.name}: restarted {count} times in {window} minutes; {now_}"
+    exited = [p for p in current if p.main is not None and p.main.state in ("exited", "stopped")]
     if exited and not result.pending:
         p = exited[0]
+        assert p.main is not None
         return "ContainerExited", f"pod {p.name}: container exited with code {p.main.exit_code}"
     checking = [p for p in current if p.running and not p.ready]
     if checking:
         p = checking[0]
         health = p.main.health if p.main else None
         reason = "Unhealthy" if health == "unhealthy" else "Starting"
-        return reason, f"{ready}/{replicas} replicas ready; pod {p.name}: health check {health}"
+        return reason, f"{ready}/{replicas} replicas ready; pod {p.name}: {_why_not_ready(p)}"
     return "Starting", f"{ready}/{replicas} replicas running"
+
+
+def _why_not_ready(pod: ObservedPod) -> str:
+    main = pod.main
+    if main is None:
+        return "no container"
+    if not main.running:
+        return main.state
+    if main.health not in (None, "healthy"):
+        return main.probe_message or f"probes say {main.health}"
+    if main.settling:
+        return "running, inside its stability window (minReadySeconds)"
+    return "ready"
 
 
 def _conditions(

@@ -9,11 +9,9 @@ exists with our labels counts as done, removing something already gone too.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,18 +32,25 @@ from aisemble.planning.actions import (
     RemoveNetwork,
     RemovePod,
     RemoveVolume,
+    RestartPod,
+    RouteTraffic,
     StartPod,
 )
 from aisemble.planning.desired import PodTemplate
 from aisemble.planning.observed import Observed, ObservedContainer, ObservedPod
-from aisemble.podman import selinux
+from aisemble.podman import forwarder, selinux
 from aisemble.podman.errors import ActionFailed, PodmanUnavailable, classify, explain
+from aisemble.podman.execs import demux
 from aisemble.podman.firewall import Firewall
 from aisemble.podman.hardening import confinement_payload, merge
 from aisemble.podman.payloads import container_payload, pod_payload
+from aisemble.podman.prober import Prober
+from aisemble.podman.probes import ProbeRunner
 from aisemble.podman.secrets import PodmanSecrets
 
 log = logging.getLogger(__name__)
+
+ROUTE_TIMEOUT = 10.0  # seconds a forwarder may take to take a new routing table
 
 
 class PodmanDriver:
@@ -55,8 +60,8 @@ class PodmanDriver:
         self.url = url  # where the client connects: others (the event stream) connect there too
         self._calls = 0
         self._lock = threading.Lock()
-        # container id -> (monotonic time of the last check, its verdict)
-        self._health: dict[str, tuple[float, str]] = {}
+        self.prober = Prober(ProbeRunner(client, self._count))  # readiness, liveness, startup
+        self._routes: dict[str, tuple] = {}  # forwarder container id -> the routes it was given
         # SELinux options for service containers (the ai_semble_t type where it applies).
         self.selinux = selinux.service_options()
         self.firewall = Firewall()
@@ -119,6 +124,10 @@ class PodmanDriver:
                     host_ports=naming.decode_host_ports(labels.get(naming.HOST_PORTS)),
                     created=_parse_time(attrs.get("Created")),
                 )
+        with self._lock:
+            for pod_id, pod in pods.items():
+                if pod.main is not None and pod.main.id in self._routes:
+                    pods[pod_id] = replace(pod, routes=self._routes[pod.main.id])
         observed = Observed.assemble(
             pods.values(),
             [(n["name"], n.get("labels") or {}, _parse_time(n.get("created"))) for n in networks],
@@ -129,68 +138,24 @@ class PodmanDriver:
         )
         return observed.only(keys) if keys is not None else observed
 
-    # -- health ----------------------------------------------------------------------------
+    # -- probes --------------------------------------------------------------------------
 
-    def check_health(self, observed: Observed, keys: Iterable[StackKey] | None = None) -> Observed:
-        """Run the health checks that are due (podman cannot schedule them without systemd),
-        and return the snapshot with every checked container's latest verdict."""
-        wanted = set(keys) if keys is not None else set(observed.stacks)
-        due = [
-            pod.main
-            for key in wanted
-            for pod in observed.stack(key).pods
-            if pod.main is not None and pod.main.running and self._health_due(pod.main)
-        ]
-        if due:
-            with futures.ThreadPoolExecutor(max_workers=min(8, len(due))) as pool:
-                list(pool.map(self._run_check, due))
-        return replace(
-            observed,
-            stacks={
-                key: replace(stack, pods=tuple(self._with_health(p) for p in stack.pods))
-                for key, stack in observed.stacks.items()
-            },
-        )
+    def check_health(
+        self,
+        observed: Observed,
+        keys: Iterable[StackKey] | None = None,
+        now: datetime | None = None,
+    ) -> Observed:
+        """Run the probes that are due (the operator runs them, as the kubelet does) and
+        return the snapshot with what every checked container's probes say."""
+        wanted = list(keys) if keys is not None else list(observed.stacks)
+        return self.prober.check(observed, wanted, now or datetime.now(UTC))
 
-    def next_health_check(self, observed: Observed, key: StackKey) -> float | None:
-        """Seconds until a running container of `key` is due for its next check."""
-        waits = []
-        for pod in observed.stack(key).pods:
-            if pod.main is None or not pod.main.running:
-                continue
-            interval = _interval(pod.main)
-            if interval is None:
-                continue
-            last = self._health.get(pod.main.id)
-            waits.append(0.0 if last is None else max(0.0, last[0] + interval - time.monotonic()))
-        return min(waits) if waits else None
-
-    def _health_due(self, container: ObservedContainer) -> bool:
-        interval = _interval(container)
-        if interval is None:
-            return False
-        last = self._health.get(container.id)
-        return last is None or time.monotonic() - last[0] >= interval
-
-    def _run_check(self, container: ObservedContainer) -> None:
-        self._count()
-        try:
-            response = self.client.api.get(f"/containers/{container.id}/healthcheck")
-            if response.status_code == 404 or response.status_code == 405:
-                response = self.client.api.post(f"/containers/{container.id}/healthcheck")
-            status = str(response.json().get("Status", "")).lower() if response.ok else ""
-        except Exception:  # noqa: BLE001 - a check that cannot run says nothing new
-            return
-        if status:
-            with self._lock:
-                self._health[container.id] = (time.monotonic(), status)
-
-    def _with_health(self, pod: ObservedPod) -> ObservedPod:
-        main = pod.main
-        if main is None or _interval(main) is None:
-            return pod
-        last = self._health.get(main.id)
-        return replace(pod, main=replace(main, health=last[1] if last else "starting"))
+    def next_health_check(
+        self, observed: Observed, key: StackKey, now: datetime | None = None
+    ) -> float | None:
+        """Seconds until a running container of `key` is due for a probe."""
+        return self.prober.next_due(observed, key, now or datetime.now(UTC))
 
     # -- logs and status -------------------------------------------------------------------
 
@@ -205,7 +170,7 @@ class PodmanDriver:
             response.raise_for_status()
         except Exception:  # noqa: BLE001 - the log is a courtesy; its absence is no error
             return ""
-        return _demux(response.content).strip()
+        return demux(response.content).strip()
 
     def remove_status(self, key: StackKey) -> None:
         self._count()
@@ -214,7 +179,7 @@ class PodmanDriver:
         except Exception as exc:  # noqa: BLE001 - gone already, or podman away: next pass
             log.debug("could not remove the status pod of %s: %s", key, exc)
 
-    def mirror_status(self, key: StackKey, labels: dict[str, str]) -> None:
+    def mirror_status(self, key: StackKey, labels: dict[str, str]) -> bool:
         """Make the stack's status pod carry `labels` (pod labels cannot change: re-create it).
 
         The pod has no containers and never runs; it exists so that
@@ -233,6 +198,8 @@ class PodmanDriver:
             response.raise_for_status()
         except Exception as exc:  # noqa: BLE001 - a mirror; the store keeps the status
             log.warning("could not mirror the status of %s onto pod %s: %s", key, name, exc)
+            return False
+        return True
 
     def images(self) -> set[str]:
         """Names and ids of every local image."""
@@ -296,6 +263,8 @@ class PodmanDriver:
             CreateVolume: self._create_volume,
             CreatePod: self._create_pod,
             StartPod: self._start_pod,
+            RestartPod: self._restart_pod,
+            RouteTraffic: self._route_traffic,
             RemovePod: self._remove_pod,
             RemoveContainer: self._remove_container,
             RemoveNetwork: self._remove_network,
@@ -380,6 +349,10 @@ class PodmanDriver:
                 confinement_payload(t, self._image_user(t), self.selinux),
             )
             payload = self.secrets.deliver(payload, t)  # the secretKeyRef variables
+            if t.label_dict.get(naming.FORWARDER):
+                listeners = [(b.protocol, b.container_port) for b in t.ports]
+                program, *arguments = forwarder.entrypoint(listeners)
+                payload.update(entrypoint=[program], command=arguments)
             created = self._post("/containers/create", payload, not_found=ImageNotFound)
             for warning in created.get("Warnings") or []:
                 # e.g. rootless on cgroups v1: "Resource limits are not supported and ignored"
@@ -423,9 +396,35 @@ class PodmanDriver:
 
     def _start_pod(self, action: StartPod) -> None:
         self.firewall.ensure_once()
-        self._count()
         try:
-            self.client.pods.get(action.pod).start()
+            # The service's container alone when its pod still runs (a crash): podman's
+            # quickest start. A stopped pod needs its infra container started too.
+            container = naming.container_name(action.pod)
+            self._post(f"/containers/{quote(container, safe='')}/start")
+        except NotFound:
+            return  # gone since we looked; the next pass recreates it
+        except APIError:
+            try:
+                self._post(f"/pods/{quote(action.pod, safe='')}/start")
+            except NotFound:
+                return
+
+    def _route_traffic(self, action: RouteTraffic) -> None:
+        """Replace the forwarder's routing table (in its /tmp), without restarting it."""
+        command = forwarder.routes_command({listener: up for listener, up in action.routes})
+        code, output = self.prober.runner.run(action.container, command, ROUTE_TIMEOUT)
+        if code != 0:
+            said = output.strip().splitlines()[-1:] or ["no output"]
+            raise ActionFailed(
+                action.failed, f"{action.describe()}: exited with {code}: {said[0][:200]}"
+            )
+        with self._lock:
+            self._routes[action.container] = action.routes
+
+    def _restart_pod(self, action: RestartPod) -> None:
+        try:
+            # podman stops the containers with their own stop timeouts, then starts them.
+            self._post(f"/pods/{quote(action.pod, safe='')}/restart")
         except NotFound:
             return  # gone since we looked; the next pass recreates it
 
@@ -469,22 +468,6 @@ def _from_unix(value: Any) -> datetime | None:
     return (
         datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) and value > 0 else None
     )
-
-
-def _interval(container: ObservedContainer) -> int | None:
-    value = container.labels.get(naming.HEALTH_INTERVAL)
-    return int(value) if value and value.isdigit() else None
-
-
-def _demux(raw: bytes) -> str:
-    """Podman's log stream: 8-byte frame headers (stream, length) before each chunk."""
-    out, i = [], 0
-    while i + 8 <= len(raw) and raw[i] in (0, 1, 2):
-        length = int.from_bytes(raw[i + 4 : i + 8], "big")
-        out.append(raw[i + 8 : i + 8 + length])
-        i += 8 + length
-    text = b"".join(out) if out else raw
-    return text.decode("utf-8", errors="replace")
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -36,7 +36,7 @@ def pod_payload(t: PodTemplate) -> dict[str, Any]:
 
 
 CPU_PERIOD = 100_000  # microseconds, the kernel's default CFS period
-RESTART_TRIES = 3
+RESTART_TRIES = 1
 
 
 def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
@@ -47,8 +47,9 @@ def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
         "image": t.image,
         "labels": {**t.label_dict, naming.ROLE: naming.MAIN},
         "env": dict(t.env),
-        # podman restarts a crashed process itself within a tenth of a second; past
-        # these tries the operator takes over, with back-off.
+        # Podman retries a crashed process once, at once (a tenth of a second, where the
+        # operator would take a few); past that the operator restarts it after 2, 4,
+        # 8 ... s. Podman's try comes back with every start, the operator's included.
         "restart_policy": "on-failure",
         "restart_tries": RESTART_TRIES,
         "stop_timeout": t.stop_timeout,
@@ -70,14 +71,6 @@ def container_payload(t: PodTemplate, pod_id: str) -> dict[str, Any]:
         limits["memory"] = {"limit": t.memory_bytes}
     if limits:
         payload["resource_limits"] = limits
-    if t.probe is not None:
-        second = 10**9
-        payload["healthconfig"] = {
-            "Test": ["CMD-SHELL", t.probe.command],
-            "Interval": t.probe.interval * second,
-            "Timeout": t.probe.timeout * second,
-            "Retries": t.probe.retries,
-            "StartPeriod": t.probe.start_period * second,
-        }
-        payload["labels"][naming.HEALTH_INTERVAL] = str(t.probe.interval)
+    if t.probes is not None:
+        payload["labels"][naming.PROBES] = t.probes.encode()
     return payload

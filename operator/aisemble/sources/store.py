@@ -125,7 +125,17 @@ _MIGRATIONS = {
 
 
 class StoreError(Exception):
-    """The request conflicts with what is stored; nothing was changed."""
+    """The request conflicts with what is stored; nothing was changed.
+
+    `refusals`: the documents refused, each as (stack, field path or None, why), so a
+    caller that knows where a document came from can point at the field.
+    """
+
+    def __init__(
+        self, message: str, refusals: Iterable[tuple[StackKey, str | None, str]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.refusals = list(refusals)
 
 
 class _Rollback(Exception):  # noqa: N818 - control flow, never escapes the store
@@ -367,6 +377,7 @@ class Store:
         """
         incoming = {d.key: d for d in documents}
         problems: list[str] = []
+        refusals: list[tuple[StackKey, str | None, str]] = []
         conflicts: dict[StackKey, str] = {}
         rows = {self._key(r): r for r in db.execute("SELECT * FROM stacks").fetchall()}
         for key, doc in incoming.items():
@@ -378,10 +389,10 @@ class Store:
                         f"{doc.source}"
                     )
                 else:
-                    problems.append(
-                        f"{doc.source}: {key} is managed by {row['source']}; change it there, "
-                        "or delete it there first"
-                    )
+                    why = f"{key} is managed by {row['source']}; change it there, or delete it "
+                    why += "there first"
+                    problems.append(f"{doc.source}: {why}")
+                    refusals.append((key, None, why))
         # Host ports must be unique across every stack that will exist after this apply.
         # Stored stacks this input leaves as they are claim theirs first.
         stored: list[tuple[StackKey, tuple[str, int, str], str]] = []
@@ -394,28 +405,36 @@ class Store:
         for key, doc in incoming.items():
             if key in conflicts:
                 continue
-            clashes: list[str] = []
+            clashes: list[tuple[str, str]] = []  # field path, why
             for i, hp in enumerate(doc.resource.spec.host_ports()):
                 for other_key, other, where in stored:
                     if other_key != key and host_ports_clash(hp, other):
                         clashes.append(
-                            f"spec.expose[{i}].hostPort: host port {hp[1]}/{hp[2]} on {hp[0]} "
-                            f"is already claimed by {where}"
+                            (
+                                f"spec.expose[{i}].hostPort",
+                                f"host port {hp[1]}/{hp[2]} on {hp[0]} is already claimed by "
+                                f"{where}",
+                            )
                         )
             if clashes and syncing:  # with another source's stack: this stack's conflict
-                conflicts[key] = "; ".join(clashes)
+                conflicts[key] = "; ".join(f"{path}: {why}" for path, why in clashes)
                 continue
             for i, hp in enumerate(doc.resource.spec.host_ports()):
                 for other_key, other, where in claims:  # within the input: the input's fault
                     if other_key != key and host_ports_clash(hp, other):
                         clashes.append(
-                            f"spec.expose[{i}].hostPort: host port {hp[1]}/{hp[2]} on {hp[0]} "
-                            f"is already claimed by {where}"
+                            (
+                                f"spec.expose[{i}].hostPort",
+                                f"host port {hp[1]}/{hp[2]} on {hp[0]} is already claimed by "
+                                f"{where}",
+                            )
                         )
                 claims.append((key, hp, f"{doc.source} document {doc.index}"))
-            problems.extend(f"{doc.source}: document {doc.index} ({key}): {c}" for c in clashes)
+            for path, why in clashes:
+                problems.append(f"{doc.source}: document {doc.index} ({key}): {path}: {why}")
+                refusals.append((key, path, why))
         if problems:
-            raise StoreError("\n".join(problems))
+            raise StoreError("\n".join(problems), refusals)
         changes = []
         for key, doc in incoming.items():
             if key in conflicts:
@@ -566,17 +585,28 @@ class Store:
                 (key.namespace, key.name, key.namespace, key.name, RESTARTS_KEPT_PER_STACK),
             )
 
-    def restarts(self, key: StackKey) -> dict[str, list[datetime]]:
-        """Pod name -> when it was restarted, oldest first."""
+    def restarts(self, key: StackKey, by: str | None = None) -> dict[str, list[datetime]]:
+        """Pod name -> when it was restarted (only by `by`, if given), oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT pod, time FROM restarts WHERE namespace=? AND name=? ORDER BY id",
-                (key.namespace, key.name),
+                "SELECT pod, time FROM restarts WHERE namespace=? AND name=? "
+                "AND (? IS NULL OR by=?) ORDER BY id",
+                (key.namespace, key.name, by, by),
             ).fetchall()
         found: dict[str, list[datetime]] = {}
         for pod, time_ in rows:
             found.setdefault(pod, []).append(datetime.fromisoformat(time_))
         return found
+
+    def last_exits(self, key: StackKey) -> dict[str, int]:
+        """Pod name -> the exit code recorded with its latest restart (where known)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT pod, exit_code FROM restarts WHERE namespace=? AND name=? "
+                "AND exit_code IS NOT NULL ORDER BY id",
+                (key.namespace, key.name),
+            ).fetchall()
+        return {pod: code for pod, code in rows}
 
     # -- the GPU ledger ---------------------------------------------------------------------
 
