@@ -9,6 +9,8 @@ the progress deadline passes.
 from __future__ import annotations
 
 import http.client
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -216,3 +218,36 @@ def test_an_exposed_service_with_several_replicas_serves_from_each(
     assert result.code == 0, result.text
     seen = {get(port)[1] for _ in range(20)}
     assert seen == {"web-0\n", "web-1\n"}, seen
+
+
+def test_a_restarted_forwarder_gets_its_routes_again(env: Env, stack_name: str, run_loop) -> None:
+    """The forwarder keeps its routing table on a tmpfs: after a crash (podman restarts it)
+    the loop gives it the table again, and the port answers."""
+    port = free_port()
+    assert (
+        apply(
+            env, stack(stack_name, [web("v1")], expose=[{"service": "web", "hostPort": port}])
+        ).code
+        == 0
+    )
+    assert get(port) == (200, "v1\n")
+    run_loop("--resync", "300s")
+    [forwarder] = [
+        c
+        for c in env.containers(stack_name)
+        if c.get("Labels", {}).get("aisemble.io/forwarder") == "true" and c.get("Pod")
+    ]
+    pid = env.client.containers.get(forwarder["Id"]).attrs["State"]["Pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    def answers() -> bool:
+        try:
+            return get(port, timeout=1) == (200, "v1\n")
+        except OSError:
+            return False
+
+    eventually(
+        lambda: env.client.containers.get(forwarder["Id"]).attrs["State"]["Pid"] not in (0, pid),
+        timeout=20,
+    )
+    eventually(answers, timeout=20)

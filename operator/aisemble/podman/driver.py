@@ -61,7 +61,9 @@ class PodmanDriver:
         self._calls = 0
         self._lock = threading.Lock()
         self.prober = Prober(ProbeRunner(client, self._count))  # readiness, liveness, startup
-        self._routes: dict[str, tuple] = {}  # forwarder container id -> the routes it was given
+        # forwarder container id -> when it was given its routes, and which: a restart of
+        # the container (its table is on a tmpfs) makes them unknown again
+        self._routes: dict[str, tuple[datetime, tuple]] = {}
         # SELinux options for service containers (the ai_semble_t type where it applies).
         self.selinux = selinux.service_options()
         self.firewall = Firewall()
@@ -126,8 +128,15 @@ class PodmanDriver:
                 )
         with self._lock:
             for pod_id, pod in pods.items():
-                if pod.main is not None and pod.main.id in self._routes:
-                    pods[pod_id] = replace(pod, routes=self._routes[pod.main.id])
+                main = pod.main
+                if main is None or main.id not in self._routes:
+                    continue
+                given, routes = self._routes[main.id]
+                # Start times come to the second: a start in the second the routes were
+                # given counts as after it (giving them again costs one exec).
+                since = given.replace(microsecond=0)
+                if main.running and main.started_at is not None and main.started_at < since:
+                    pods[pod_id] = replace(pod, routes=routes)
         observed = Observed.assemble(
             pods.values(),
             [(n["name"], n.get("labels") or {}, _parse_time(n.get("created"))) for n in networks],
@@ -419,7 +428,7 @@ class PodmanDriver:
                 action.failed, f"{action.describe()}: exited with {code}: {said[0][:200]}"
             )
         with self._lock:
-            self._routes[action.container] = action.routes
+            self._routes[action.container] = (datetime.now(UTC), action.routes)
 
     def _restart_pod(self, action: RestartPod) -> None:
         try:

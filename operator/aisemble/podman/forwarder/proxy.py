@@ -13,7 +13,6 @@ their upstream; UDP sessions end when theirs leaves the table.
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import resource
@@ -30,6 +29,7 @@ SHUN_FOR = 5.0  # seconds an upstream that failed is tried after the others
 UDP_IDLE = 60.0  # seconds without a datagram either way before a UDP session ends
 UDP_SESSIONS = 1024  # UDP sessions per listening socket; the least recently used goes
 UDP_PENDING = 64  # datagrams held per UDP session while its upstream is being set up
+FILES_KEPT = 64  # file descriptors not for TCP connections (two each): UDP, DNS, ...
 TIMEOUT = asyncio.TimeoutError  # the builtin TimeoutError only from python 3.11
 
 
@@ -218,8 +218,8 @@ class Accepted(Relay):
     """The client's side: until an upstream has accepted the connection, what it read
     first is held and it reads no more."""
 
-    def __init__(self, key, routes):
-        self.key, self.routes = key, routes
+    def __init__(self, key, routes, room):
+        self.key, self.routes, self.room = key, routes, room
         self.held = []
         self.connecting = None
 
@@ -239,6 +239,10 @@ class Accepted(Relay):
             self.ended = True
             return True
         return super().eof_received()
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.room.release()
 
     async def connect(self):
         targets = self.routes.upstreams(self.key)
@@ -277,6 +281,29 @@ class Upstream(Relay):
         if client.ended:
             transport.write_eof()
         client.transport.resume_reading()
+
+
+async def accept(key, sock, routes, room):
+    """A TCP listener's connections, no more at a time than there is room for: the
+    others wait in the listen backlog. (asyncio's own servers spin and spew tracebacks
+    once out of file descriptors.)"""
+    loop = asyncio.get_running_loop()
+    while True:
+        if room.locked():
+            quietly(loop, {"message": "as many connections open as files allow, others wait"})
+        await room.acquire()
+        try:
+            connection, _ = await loop.sock_accept(sock)
+        except OSError as exc:  # out of file descriptors all the same (UDP sessions)
+            room.release()
+            quietly(loop, {"message": f"{key}: cannot accept", "exception": exc})
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            await loop.connect_accepted_socket(lambda: Accepted(key, routes, room), connection)
+        except OSError:
+            connection.close()
+            room.release()
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -373,6 +400,8 @@ def bound_socket(proto, address, port):
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
     except OSError:
         sock.close()
         raise
@@ -393,13 +422,15 @@ async def serve(args):
     # Two descriptors a connection: take all the container allows (often 1024).
     _, most = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+    files = 1 << 20 if most == resource.RLIM_INFINITY else most
+    room = asyncio.Semaphore(max(8, (files - FILES_KEPT) // 2))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     keys = [f"{proto}:{port}" for proto, port in args.listen]
     routes = Routes(args.routes, keys)
     routes.refresh()
-    closers, udp = [], []
+    listening, accepting, udp = [], [], []
     for proto, port in args.listen:
         key = f"{proto}:{port}"
         for address in args.bind or ["0.0.0.0", "::"]:
@@ -410,16 +441,13 @@ async def serve(args):
                     raise SystemExit(f"aisemble-forwarder: {key} on {address}: {exc}") from None
                 continue  # no IPv6 here
             if proto == "tcp":
-                accepted = functools.partial(Accepted, key, routes)
-                closers.append(await loop.create_server(accepted, sock=sock, backlog=1024))
+                listening.append(sock)
+                accepting.append(asyncio.ensure_future(accept(key, sock, routes, room)))
             else:
                 udp_listener = UdpListener(key, routes)
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda p=udp_listener: p, sock=sock
-                )
-                closers.append(transport)
+                await loop.create_datagram_endpoint(lambda p=udp_listener: p, sock=sock)
                 udp.append(udp_listener)
-    log(f"listening on {', '.join(keys)}, routes from {args.routes}; {most} files at most")
+    log(f"listening on {', '.join(keys)}, routes from {args.routes}; {files} files at most")
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), CHECK_EVERY)
@@ -428,9 +456,13 @@ async def serve(args):
         routes.refresh()
         for udp_listener in udp:
             udp_listener.sweep()
-    for closer in closers:
-        closer.close()
+    for task in accepting:
+        task.cancel()
+    await asyncio.gather(*accepting, return_exceptions=True)
+    for sock in listening:
+        sock.close()
     for udp_listener in udp:
+        udp_listener.transport.close()
         for session in list(udp_listener.sessions.values()):
             session.close()
     log("stopped")
