@@ -94,6 +94,21 @@ class TestNoFalseReady:
         assert waited.code == 1, waited.text
         assert env.store.get(key).status.phase.value != "Ready"  # and stored fresh
 
+    def test_get_and_describe_look_at_podman_too(self, env: Env, stack_name: str) -> None:
+        brief = service(
+            "brief", command=["/bin/busybox", "sh", "-c", "sleep 3; exit 3"], minReadySeconds=1
+        )
+        assert apply(env, stack(stack_name, [brief])).code == 0
+        [container] = [c for c in env.containers(stack_name) if c.get("Pod")]
+        eventually(
+            lambda: env.client.containers.get(container["Id"]).attrs["State"]["Status"] == "exited",
+            timeout=20,
+        )
+        [row] = env.cli("get", stack_name).out.splitlines()[1:]
+        assert row.split()[2] != "Ready", row
+        described = env.cli("describe", stack_name).out
+        assert "Phase:        Ready" not in described, described
+
 
 class TestProbesNeedNothingInTheImage:
     def test_exec_and_http_probes_work_on_an_image_without_shell_or_client(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from aisemble.cli.printing import age, dump, error, note, table
 from aisemble.cli.session import Session
+from aisemble.cli.wait import refresh
 from aisemble.model import GROUP, KIND, PLURAL, SUSPEND_ANNOTATION, StackKey
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.sources.store import StoredStack
@@ -33,8 +34,26 @@ def _selected(args: argparse.Namespace, session: Session) -> list[StoredStack] |
     return session.store.list(namespace=namespace)
 
 
+def _refreshed(session: Session, stacks: list[StoredStack]) -> list[StoredStack]:
+    """The stacks with their status as podman shows them now (a replica may have exited
+    since the last pass, with no loop running); what was stored where podman is away."""
+    live = [s for s in stacks if not s.deleting]
+    if not live:
+        return stacks
+    try:
+        with session.controller() as controller:
+            for stack in live:
+                refresh(controller, stack.key)
+    except PodmanUnavailable as exc:
+        note(f"podman does not answer, so the status shown is the last one stored: {exc}")
+        return stacks
+    return [session.store.get(s.key) or s for s in stacks]
+
+
 def cmd_get(args: argparse.Namespace, session: Session) -> int:
     stacks = _selected(args, session)
+    if stacks is not None and args.output != "name":
+        stacks = _refreshed(session, stacks)
     if stacks is None:
         return 1
     fmt = args.output
@@ -75,7 +94,7 @@ def cmd_describe(args: argparse.Namespace, session: Session) -> int:
     stacks = _selected(args, session)
     if stacks is None:
         return 1
-    stack = stacks[0]
+    stack = _refreshed(session, stacks)[0]
     now = datetime.now(UTC)
     status = stack.status
     meta = stack.resource.metadata

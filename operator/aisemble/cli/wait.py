@@ -70,7 +70,7 @@ def _wait(
             error(f'aisemble "{key.name}" not found in namespace "{key.namespace}"')
             return 1
         else:
-            status = _current(key, stored.status, controller)
+            status = (refresh(controller, key) if controller else None) or stored.status
             if met(kind, what, value, status):
                 print(f"aisemble {key} {args.for_} met")
                 return 0
@@ -81,18 +81,16 @@ def _wait(
         time.sleep(POLL)
 
 
-def _current(
-    key: StackKey, stored: AISembleStatus | None, controller: Controller | None
-) -> AISembleStatus | None:
-    """The status as podman shows the stack now, not as it was last stored: a replica
-    may have exited since. Another process reconciling it right now writes it fresh."""
-    if controller is None:
-        return stored
+def refresh(controller: Controller, key: StackKey) -> AISembleStatus | None:
+    """The stack's status as podman shows it now, stored; None if it cannot be had now.
+
+    A stored status may be older than a crash (no loop running). Another process
+    reconciling the stack right now writes a fresh one itself: then None.
+    """
     with controller.store.lock(key, timeout=0) as mine:
         if not mine:
-            return stored
+            return None
         try:
-            report = controller.reconciler.reconcile(key, act=False)
+            return controller.reconciler.reconcile(key, act=False).status
         except PodmanUnavailable:
-            return stored
-    return report.status or stored
+            return None
