@@ -158,7 +158,7 @@ class Reconciler:
 
         resource = self._running_spec(stored)
         gpus = self._assign_gpus(key, resource)
-        secrets = self._resolve_secrets(resource)
+        secrets = self._resolve_secrets(resource, write=act)
         desired = self._render(stored, resource, gpus, secrets)
         now = self.clock()
         observed = self._probed(observed, key, now)

@@ -35,15 +35,19 @@ def _selected(args: argparse.Namespace, session: Session) -> list[StoredStack] |
 
 
 def _refreshed(session: Session, stacks: list[StoredStack]) -> list[StoredStack]:
-    """The stacks with their status as podman shows them now (a replica may have exited
-    since the last pass, with no loop running); what was stored where podman is away."""
-    live = [s for s in stacks if not s.deleting]
+    """The stacks, with the status rebuilt from podman where a replica stopped since it
+    was stored (no loop running to see it). Only then: the rebuilt status runs each
+    probe once, where a loop's status rests on their recent history."""
+    live = [s for s in stacks if not s.deleting and s.status is not None]
     if not live:
         return stacks
     try:
         with session.controller() as controller:
+            observed = controller.driver.observe([s.key for s in live])
             for stack in live:
-                refresh(controller, stack.key)
+                pods = observed.stack(stack.key).pods
+                if any(p.main is None or not p.main.running for p in pods):
+                    refresh(controller, stack.key)
     except PodmanUnavailable as exc:
         note(f"podman does not answer, so the status shown is the last one stored: {exc}")
         return stacks
