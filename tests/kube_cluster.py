@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import jsonpatch
 import kmock
 import kubernetes
 import yaml
@@ -55,6 +56,14 @@ class Emulator(kmock.KubernetesEmulator):
                 self._stamp_update(request)
         return await super()._handle(request)
 
+    async def _render_error(self, exc: Exception) -> Any:
+        """A JSON patch whose `test` fails is the client's conflict, as a real API server
+        answers it (422): kopf then tries again on its next cycle. KMock says 500, which
+        kopf retries as a server error, then throttles the resource for up to a minute."""
+        if isinstance(exc, jsonpatch.JsonPatchTestFailed):
+            exc = _Unprocessable(message=str(exc))
+        return await super()._render_error(exc)
+
     def _stamp_update(self, request: kmock.Request) -> None:
         key = (request.resource, request.namespace, request.name)
         current = self.objects[key].raw if key in self.objects else {}
@@ -75,6 +84,12 @@ class Emulator(kmock.KubernetesEmulator):
             spec = request.data.get("spec")
             if spec is not None and spec != current.get("spec") and request.subresource is None:
                 meta["generation"] = generation + 1
+
+
+@attrs.frozen
+class _Unprocessable(kmock.KubernetesError):
+    status: int = 422
+    reason: str | None = "Invalid"
 
 
 def _now() -> str:

@@ -86,7 +86,7 @@ class TestConverge:
         client = next(
             c["Names"][0]
             for c in env.containers(stack_name)
-            if c["Labels"]["aisemble.io/service"] == "client"
+            if c["Labels"].get("aisemble.io/service") == "client"
         )
         code, out = env.exec(client, "wget", "-q", "-O", "-", "http://web:8080/index.html")
         assert code == 0 and "hello-from-web" in out

@@ -232,6 +232,7 @@ def test_a_crash_looping_service_leaks_its_secret_nowhere(
     finally:
         db.close()
     owner = env.owner
+    loop.stop()  # first: the objects listed below stay as they are while inspected
     for kind in ("pod", "container", "network", "volume"):
         listed = podman(
             kind,
@@ -248,7 +249,6 @@ def test_a_crash_looping_service_leaks_its_secret_nowhere(
     for secret in podman("secret", "ls", "--format", "{{.Name}}").stdout.split():
         if secret.startswith("aisemble-key-") or secret == name:
             places[f"secret {secret}"] = podman("secret", "inspect", secret).stdout
-    loop.stop()
     places["the operator's log"] = loop.log
 
     for where, text in places.items():

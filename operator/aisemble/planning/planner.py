@@ -394,8 +394,14 @@ class _Planner:
                 and not self._stranded(pod)
             ):
                 current = pod
+            elif want is None:
+                self._remove(pod, "nothing is exposed")
+            elif pod.main is None:
+                self._remove(pod, "its container is gone")
+            elif self._stranded(pod):
+                self._remove(pod, "its network was removed")
             else:
-                self._remove(pod, "its exposed ports changed" if want else "nothing is exposed")
+                self._remove(pod, "its exposed ports changed")
         if want is None:
             return
         if current is None:
