@@ -242,7 +242,9 @@ def test_every_gateway_route_on_the_real_stack(stack: dict[str, Any], env: Env) 
 
     # The gateway restarts; the finished jobs are still there.
     [gateway] = [
-        c for c in env.containers(stack["name"]) if c["Labels"].get("aisemble.io/service") == "gateway"
+        c
+        for c in env.containers(stack["name"])
+        if c["Labels"].get("aisemble.io/service") == "gateway"
     ]
     podman("restart", "--time", "10", gateway["Id"])
     poll(lambda: ready(base), 120, "gateway back")

@@ -233,6 +233,10 @@ def test_an_exposed_service_with_several_replicas_serves_from_each(
     assert result.code == 0, result.text
     seen = {get(port)[1] for _ in range(20)}
     assert seen == {"web-0\n", "web-1\n"}, seen
+    # Another process, which never gave the forwarder its table, reads it from the
+    # forwarder: the stack is Ready there too.
+    waited = env.cli("wait", stack_name, "--for", "condition=Ready", "--timeout", "10")
+    assert waited.code == 0, waited.text
 
 
 def test_a_restarted_forwarder_gets_its_routes_again(env: Env, stack_name: str, run_loop) -> None:

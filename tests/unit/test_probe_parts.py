@@ -414,3 +414,14 @@ def test_an_empty_command_is_refused_before_asking_podman(tmp_path: Path) -> Non
     runner = ProbeRunner(podman.PodmanClient(base_url=f"unix://{tmp_path}/x.sock"), calls.append)
     assert runner.exec("c1", [], 1) == probes.ProbeOutcome(False, "exec []: no command given")
     assert calls == []
+
+
+def test_podmans_own_log_lines_are_not_the_commands_output() -> None:
+    """Podman 5 on cgroups v1 logs a warning into every exec session's stream."""
+    warning = (
+        'time="2026-12-07T20:38:26Z" level=warning msg="Using cgroups-v1 which is deprecated"\n'
+    )
+    assert execs.without_podman_logs("a  b\n" + warning) == "a  b\n"
+    assert execs.without_podman_logs(warning + "ok\n") == "ok\n"
+    said = 'time is "now" level=warning msg=mine\n'  # a command's own line stays
+    assert execs.without_podman_logs(said) == said

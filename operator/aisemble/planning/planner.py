@@ -419,7 +419,7 @@ class _Planner:
             return
         leaving = {pod.name for pod in self._removed()}
         table = exposure.routes(self.desired.listeners, self.observed.pods, leaving)
-        if current.routes == table:
+        if current.routes is not None and dict(current.routes) == dict(table):
             return
         route = Step(RouteTraffic(self.key, current.name, current.main.id, table))
         exposed = {listener.service for listener in self.desired.listeners}

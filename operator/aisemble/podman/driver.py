@@ -126,17 +126,9 @@ class PodmanDriver:
                     host_ports=naming.decode_host_ports(labels.get(naming.HOST_PORTS)),
                     created=_parse_time(attrs.get("Created")),
                 )
-        with self._lock:
-            for pod_id, pod in pods.items():
-                main = pod.main
-                if main is None or main.id not in self._routes:
-                    continue
-                given, routes = self._routes[main.id]
-                # Start times come to the second: a start in the second the routes were
-                # given counts as after it (giving them again costs one exec).
-                since = given.replace(microsecond=0)
-                if main.running and main.started_at is not None and main.started_at < since:
-                    pods[pod_id] = replace(pod, routes=routes)
+        for pod_id, pod in pods.items():
+            if pod.labels.get(naming.FORWARDER) and pod.running:
+                pods[pod_id] = replace(pod, routes=self._forwarder_routes(pod))
         observed = Observed.assemble(
             pods.values(),
             [(n["name"], n.get("labels") or {}, _parse_time(n.get("created"))) for n in networks],
@@ -417,6 +409,33 @@ class PodmanDriver:
                 self._post(f"/pods/{quote(action.pod, safe='')}/start")
             except NotFound:
                 return
+
+    def _forwarder_routes(self, pod: ObservedPod) -> tuple | None:
+        """The routing table of a running forwarder: as given by this process since the
+        container last started, else as read from the forwarder itself (once)."""
+        main = pod.main
+        assert main is not None
+        with self._lock:
+            given, routes = self._routes.get(main.id, (None, None))
+        # Start times come to the second: a start in the second the table was given or
+        # read counts as after it (one more exec).
+        if given is not None and main.started_at is not None:
+            if main.started_at < given.replace(microsecond=0):
+                return routes
+        when = datetime.now(UTC)
+        code, output = self.prober.runner.run(
+            main.id, forwarder.read_routes_command(), ROUTE_TIMEOUT
+        )
+        if code != 0:
+            return None  # not known: the next pass gives it the table
+        try:
+            table = forwarder.parse_routes(output)
+        except ValueError:
+            return None
+        routes = tuple(sorted((listener, tuple(up)) for listener, up in table.items()))
+        with self._lock:
+            self._routes[main.id] = (when, routes)
+        return routes
 
     def _route_traffic(self, action: RouteTraffic) -> None:
         """Replace the forwarder's routing table (in its /tmp), without restarting it."""

@@ -85,13 +85,13 @@ class Execs:
         if not stream.done.wait(max(0.0, deadline - time.monotonic())):
             stream.abandoned = True
             self._kill(session, argv)
-            return ExecResult(timed_out=True, output=stream.output.text())
+            return ExecResult(timed_out=True, output=without_podman_logs(stream.output.text()))
         if stream.error is not None:
-            return ExecResult(error=stream.error, output=stream.output.text())
+            return ExecResult(error=stream.error, output=without_podman_logs(stream.output.text()))
         code = self._exit_code(session)
         if isinstance(code, str):
-            return ExecResult(error=code, output=stream.output.text())
-        return ExecResult(code=code, output=stream.output.text())
+            return ExecResult(error=code, output=without_podman_logs(stream.output.text()))
+        return ExecResult(code=code, output=without_podman_logs(stream.output.text()))
 
     def _attach(self, session: str, stream: _Stream, read_timeout: float) -> None:
         """Start the session and read its output until it ends (in a thread of its own)."""
@@ -333,6 +333,15 @@ def demux(raw: bytes) -> str:
     frames = Demuxer(keep=max(len(raw), 1))
     frames.feed(raw)
     return frames.text()
+
+
+# A line podman itself logs into an exec session's stream, not the command's output: e.g.
+# podman 5 on cgroups v1 warns `time="..." level=warning msg="Using cgroups-v1 ..."`.
+_PODMAN_LOG = re.compile(r'^time="[^"]*" level=(?:warning|info|debug) msg=.*\n?', re.MULTILINE)
+
+
+def without_podman_logs(output: str) -> str:
+    return _PODMAN_LOG.sub("", output)
 
 
 def argv_of(command: Sequence[str]) -> list[str]:

@@ -21,6 +21,7 @@ __all__ = [
     "ROUTES_FILE",
     "entrypoint",
     "parse_routes",
+    "read_routes_command",
     "routes_command",
     "source",
 ]
@@ -59,6 +60,20 @@ def entrypoint(listeners: Sequence[tuple[str, int]]) -> list[str]:
             raise ValueError(f"a forwarder listens on tcp or udp ports 1024-65535: {proto}:{port}")
         argv += ["--listen", f"{proto}:{port}"]
     return argv
+
+
+# Run by exec as `python3 -c READER PATH`: prints the routing table, `{}` when there is none.
+READER = """\
+import os, sys
+path = sys.argv[1]
+sys.stdout.write(open(path).read() if os.path.exists(path) else "{}")
+"""
+
+
+def read_routes_command() -> list[str]:
+    """The command that, exec'd in the running forwarder, prints its routing table: how a
+    process that did not give it the table learns what it is."""
+    return ["python3", "-c", READER, ROUTES_FILE]
 
 
 def routes_command(routes: Mapping[str, Sequence[str]]) -> list[str]:
