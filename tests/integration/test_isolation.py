@@ -111,7 +111,7 @@ def test_without_egress_the_host_is_out_of_reach_with_egress_it_is_not(
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0,
-    reason="rootless: the host firewall confining exposed pods needs root (rootless podman's "
+    reason="rootless: the host firewall confining the forwarder of exposed ports needs root (rootless podman's "
     "networks live in a namespace of its own; docs/rootless.md)",
 )
 
