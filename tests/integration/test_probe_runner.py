@@ -18,6 +18,7 @@ import podman
 import pytest
 from podman_helpers import eventually, inspect
 
+from aisemble.podman.execs import without_podman_logs
 from aisemble.podman.hardening import seccomp_profile
 from aisemble.podman.probes import ProbeOutcome, ProbeRunner
 
@@ -137,11 +138,12 @@ def timed(probe: Callable[[], ProbeOutcome]) -> tuple[ProbeOutcome, float]:
 
 
 def direct_exec(container_id: str, argv: list[str]) -> tuple[int, str]:
-    """`podman exec` from the command line: the argv given to the runtime as it is."""
+    """`podman exec` from the command line: the argv given to the runtime as it is (without
+    what the podman command logs itself, e.g. podman 5's cgroups v1 warning)."""
     result = subprocess.run(
         ["podman", "exec", container_id, *argv], capture_output=True, text=True, timeout=60
     )
-    return result.returncode, result.stdout + result.stderr
+    return result.returncode, without_podman_logs(result.stdout + result.stderr)
 
 
 TRICKY = "a  b; exit 3 | $(id) `id` > /tmp/x && * \\ 'q' \"dq\""
