@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
+from aisemble.planning.exposure import LISTEN_BASE  # where its listeners start
 from aisemble.podman.forwarder.proxy import parse_routes
 
 __all__ = [
@@ -26,9 +27,6 @@ __all__ = [
     "source",
 ]
 
-# The first internal port of the forwarder's listeners: host ports are published to
-# LISTEN_BASE, LISTEN_BASE + 1, ... (unprivileged: it runs with no capabilities).
-LISTEN_BASE = 10000
 # On the container's tmpfs /tmp: the root filesystem is read-only.
 ROUTES_FILE = "/tmp/aisemble-routes.json"
 
