@@ -423,5 +423,7 @@ def test_podmans_own_log_lines_are_not_the_commands_output() -> None:
     )
     assert execs.without_podman_logs("a  b\n" + warning) == "a  b\n"
     assert execs.without_podman_logs(warning + "ok\n") == "ok\n"
+    # after output that does not end its line (printf), as seen on podman 5
+    assert execs.without_podman_logs("*|~|" + warning) == "*|~|"
     said = 'time is "now" level=warning msg=mine\n'  # a command's own line stays
     assert execs.without_podman_logs(said) == said

@@ -336,8 +336,11 @@ def demux(raw: bytes) -> str:
 
 
 # A line podman itself logs into an exec session's stream, not the command's output: e.g.
-# podman 5 on cgroups v1 warns `time="..." level=warning msg="Using cgroups-v1 ..."`.
-_PODMAN_LOG = re.compile(r'^time="[^"]*" level=(?:warning|info|debug) msg=.*\n?', re.MULTILINE)
+# podman 5 on cgroups v1 warns `time="..." level=warning msg="Using cgroups-v1 ..."`. It may
+# follow output that ends without a newline, so it is found anywhere in a line.
+_PODMAN_LOG = re.compile(
+    r'time="\d{4}-\d\d-\d\dT[^"]*" level=(?:warning|info|debug) msg="(?:[^"\\]|\\.)*"\n?'
+)
 
 
 def without_podman_logs(output: str) -> str:
