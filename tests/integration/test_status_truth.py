@@ -110,37 +110,41 @@ class TestNoFalseReady:
         assert "Phase:        Ready" not in described, described
 
 
+def shellless_httpd(image: str, **probes: Any) -> dict[str, Any]:
+    """busybox httpd on 8080 in the image with no shell or HTTP client, with `probes`."""
+    return {
+        "name": "httpd",
+        "image": image,
+        "command": ["/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+        "port": 8080,
+        "terminationGracePeriodSeconds": 1,
+        **probes,
+    }
+
+
 class TestProbesNeedNothingInTheImage:
     def test_exec_and_http_probes_work_on_an_image_without_shell_or_client(
         self, env: Env, stack_name: str, shellless_image: str
     ) -> None:
-        httpd = {
-            "name": "httpd",
-            "image": shellless_image,
-            "command": ["/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
-            "port": 8080,
-            "terminationGracePeriodSeconds": 1,
-            "readinessProbe": {"httpGet": {"path": "/health"}, "periodSeconds": 1},
-            "livenessProbe": {"exec": {"command": ["/busybox", "test", "-d", "/www"]}},
-        }
+        httpd = shellless_httpd(
+            shellless_image,
+            readinessProbe={"httpGet": {"path": "/health"}, "periodSeconds": 1},
+            livenessProbe={"exec": {"command": ["/busybox", "test", "-d", "/www"]}},
+        )
         result = apply(env, stack(stack_name, [httpd]))
         assert result.code == 0, result.text
 
     def test_a_failing_probe_says_what_it_saw(
         self, env: Env, stack_name: str, shellless_image: str
     ) -> None:
-        httpd = {
-            "name": "httpd",
-            "image": shellless_image,
-            "command": ["/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
-            "port": 8080,
-            "terminationGracePeriodSeconds": 1,
-            "readinessProbe": {
+        httpd = shellless_httpd(
+            shellless_image,
+            readinessProbe={
                 "httpGet": {"path": "/missing"},
                 "periodSeconds": 1,
                 "failureThreshold": 1,
             },
-        }
+        )
         assert apply(env, stack(stack_name, [httpd]), wait=False).code == 0
 
         def said() -> str:

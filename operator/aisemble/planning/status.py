@@ -299,11 +299,16 @@ def _backoff_message(b: Backoff, result: PassResult) -> tuple[str, str]:
     if restarts >= CRASH_LOOP_RESTARTS:
         window = int(RESTART_WINDOW.total_seconds() // 60)
         text += f"restarted {restarts} times in {window} minutes, back-off {delay}s"
-        tail = " | ".join(line for line in result.logs.get(b.pod, "").splitlines()[-5:] if line)
+        tail = _last_output(result, b.pod)
         if tail:
             text += f"; its last output: {tail}"
         return CRASH_LOOP, text
     return "Restarting", text + f"starting it again after {delay}s"
+
+
+def _last_output(result: PassResult, pod: str) -> str:
+    """The last lines a crash-looping replica wrote, on one line."""
+    return " | ".join(line for line in result.logs.get(pod, "").splitlines()[-5:] if line)
 
 
 def _not_ready(
