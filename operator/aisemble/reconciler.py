@@ -57,6 +57,7 @@ class StepOutcome:
     ok: bool
     error: ActionFailed | None = None
     skipped: bool = False
+    changed: bool = True  # False: done, but it was so already (nothing was done)
 
     def describe(self) -> str:
         text = self.step.action.describe()
@@ -308,7 +309,7 @@ class Reconciler:
         exits = {p.name: p.main.exit_code for p in observed.stack(key).pods if p.main}
         for outcome in report.outcomes:
             action = outcome.step.action
-            if outcome.ok and isinstance(action, StartPod | RestartPod):
+            if outcome.changed and outcome.ok and isinstance(action, StartPod | RestartPod):
                 self.store.record_restart(
                     key, action.pod, OPERATOR, exits.get(action.pod), now=self.clock()
                 )
@@ -468,8 +469,8 @@ class Reconciler:
                 for fut in done:
                     step = running.pop(fut)
                     try:
-                        fut.result()
-                        outcome = StepOutcome(plan_.stack, step, True)
+                        changed = fut.result() is not False
+                        outcome = StepOutcome(plan_.stack, step, True, changed=changed)
                     except ActionFailed as exc:
                         outcome = StepOutcome(plan_.stack, step, False, exc)
                     except PodmanUnavailable as exc:
@@ -488,7 +489,10 @@ class Reconciler:
         outcomes[outcome.step.key] = outcome
         action = outcome.step.action
         if outcome.ok:
-            self.store.record_event(outcome.key, action.done, action.describe(), now=self.clock())
+            if outcome.changed:  # (else it was so already: nothing happened to tell)
+                self.store.record_event(
+                    outcome.key, action.done, action.describe(), now=self.clock()
+                )
         else:
             self.store.record_event(
                 outcome.key,

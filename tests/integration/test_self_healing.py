@@ -36,6 +36,8 @@ from podman_helpers import (
 )
 
 from aisemble.model import StackKey
+from aisemble.planning.actions import StartPod
+from aisemble.podman.driver import PodmanDriver
 
 LONG_RESYNC = "300s"
 REPAIR = 10.0  # seconds a repair by the event stream may take (the resync is 300 s)
@@ -251,6 +253,18 @@ class TestDriftRepair:
 
         eventually(lambda: starts(main["Id"]) == 1 + every(), timeout=20)
         bystanders()
+
+    def test_a_start_counts_only_when_podman_started_it(self, env: Env, stack_name: str) -> None:
+        """A replica that podman's restart policy started between the operator's look and
+        its start is podman's restart (its event records it), not one more of ours: podman
+        answers such a start 304, and the driver says nothing was done."""
+        main = one_service(env, stack_name)
+        driver = PodmanDriver(env.client, env.owner)
+        start = StartPod(StackKey("default", stack_name), "a", main["PodName"])
+        assert driver.execute(start) is False  # running already
+        podman("stop", "-t", "0", main["Id"])
+        assert driver.execute(start) is True
+        assert inspect(main["Id"])["State"]["Status"] == "running"
 
     def test_a_removed_container_comes_back(
         self, env: Env, stack_name: str, run_loop, bystanders

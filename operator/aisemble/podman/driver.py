@@ -257,8 +257,12 @@ class PodmanDriver:
 
     # -- acting ----------------------------------------------------------------------------
 
-    def execute(self, action: Action) -> None:
-        """Carry out one action; raises ActionFailed with a reason status can show."""
+    def execute(self, action: Action) -> bool:
+        """Carry out one action; raises ActionFailed with a reason status can show.
+
+        Returns False when there was nothing to do: the action's end was already so (a
+        replica to start that podman's restart policy started meanwhile).
+        """
         handler = {
             CreateNetwork: self._create_network,
             CreateVolume: self._create_volume,
@@ -272,7 +276,7 @@ class PodmanDriver:
             RemoveVolume: self._remove_volume,
         }[type(action)]
         try:
-            handler(action)
+            return handler(action) is not False
         except ActionFailed:
             raise
         except ImageNotFound as exc:
@@ -395,20 +399,29 @@ class PodmanDriver:
         body = response.json()
         return body if isinstance(body, dict) else {"items": body}
 
-    def _start_pod(self, action: StartPod) -> None:
+    def _start_pod(self, action: StartPod) -> bool:
+        """Start a stopped replica; False if it was running already or is gone."""
         self.firewall.ensure_once()
         try:
             # The service's container alone when its pod still runs (a crash): podman's
             # quickest start. A stopped pod needs its infra container started too.
             container = naming.container_name(action.pod)
-            self._post(f"/containers/{quote(container, safe='')}/start")
+            return self._start(f"/containers/{quote(container, safe='')}/start")
         except NotFound:
-            return  # gone since we looked; the next pass recreates it
+            return False  # gone since we looked; the next pass recreates it
         except APIError:
             try:
-                self._post(f"/pods/{quote(action.pod, safe='')}/start")
+                return self._start(f"/pods/{quote(action.pod, safe='')}/start")
             except NotFound:
-                return
+                return False
+
+    def _start(self, path: str) -> bool:
+        """POST a start; False when podman answers 304: it was running already (its
+        restart policy may have started it since we looked: that start is podman's)."""
+        self._count()
+        response = self.client.api.post(path)
+        response.raise_for_status()
+        return response.status_code != 304
 
     def _forwarder_routes(self, pod: ObservedPod) -> tuple | None:
         """The routing table of a running forwarder: as given by this process since the
