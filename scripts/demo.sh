@@ -10,6 +10,14 @@ aisemble=.venv/bin/aisemble
 echo "==> building the AI images (the first time takes a few minutes; later runs skip them)"
 "$aisemble" images build
 
+# The gateway answers only callers with an API key, kept in podman's secret store. The
+# key is made here once, piped (never on a command line, never printed).
+if ! "$aisemble" secret get ai-semble-gateway api-key >/dev/null 2>&1; then
+  echo "==> creating the gateway's API key (secret ai-semble-gateway, key api-key)"
+  .venv/bin/python -c 'import secrets; print("sk-" + secrets.token_urlsafe(32), end="")' |
+    "$aisemble" secret create ai-semble-gateway --from-file api-key=/dev/stdin
+fi
+
 echo "==> applying manifests/ai-semble.yaml"
 "$aisemble" apply -f manifests/ai-semble.yaml
 
@@ -40,18 +48,24 @@ fi
 
 cat <<'MSG'
 
-The AI stack is up on http://127.0.0.1:8080. Try:
+The AI stack is up on http://127.0.0.1:8080. Every route but /health, /ready and
+/metrics needs the API key; read it (the only command that prints it) with:
 
-  curl -s localhost:8080/ai/llm/completion -H 'content-type: application/json' \
-       -d '{"prompt": "Once upon a time", "max_tokens": 20}'
-  curl -s localhost:8080/ai/nlp/analyze -H 'content-type: application/json' \
+  key=$(.venv/bin/aisemble secret get ai-semble-gateway api-key)
+
+Then try:
+
+  curl -s localhost:8080/ai/llm/completion -H "Authorization: Bearer $key" \
+       -H 'content-type: application/json' -d '{"prompt": "Once upon a time", "max_tokens": 20}'
+  curl -s localhost:8080/ai/nlp/analyze -H "Authorization: Bearer $key" \
+       -H 'content-type: application/json' \
        -d '{"text": "What a wonderful day!", "tasks": ["sentiment", "stats"]}'
-  curl -s localhost:8080/v1/embeddings -H 'content-type: application/json' \
-       -d '{"model": "all-MiniLM-L6-v2", "input": "hello"}'
-  curl -s localhost:8080/v1/models
+  curl -s localhost:8080/v1/embeddings -H "Authorization: Bearer $key" \
+       -H 'content-type: application/json' -d '{"model": "all-MiniLM-L6-v2", "input": "hello"}'
+  curl -s localhost:8080/v1/models -H "Authorization: Bearer $key"
 
-  # any OpenAI client works with only the base URL changed:
-  #   OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
+  # any OpenAI client works with the base URL and the key:
+  #   OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=key)
 
   .venv/bin/aisemble get                  # the stack's status
   .venv/bin/aisemble describe ai-semble   # services, pods, events

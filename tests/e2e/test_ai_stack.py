@@ -4,14 +4,16 @@ The stack is manifests/ai-semble-test.yaml under a name and host port of this
 test's own. Its model volume gets the demo LLM (random weights, real
 from_pretrained loading) and its data volume a CSV; then every route of the
 gateway is called through the published port, including the OpenAI-compatible
-ones with the official client and a workflow across services. The gateway's
-container is restarted and the finished jobs must still be there.
+ones with the official client and a workflow across services, with the API key
+the stack's gateway takes from a podman secret (and refused without it). The
+gateway's container is restarted and the finished jobs must still be there.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -74,6 +76,14 @@ def stack(images: None, env: Env, stack_name: str) -> Iterator[dict[str, Any]]:
     doc["metadata"]["name"] = stack_name
     port = free_port()
     doc["spec"]["expose"][0]["hostPort"] = port
+    # The gateway's keys, as the demo makes them, in a secret of this test's own (a
+    # person's `ai-semble-gateway` on this host stays untouched).
+    secret, key = f"{stack_name}-gateway", "sk-" + secrets.token_urlsafe(32)
+    [gateway] = [s for s in doc["spec"]["services"] if s["name"] == "gateway"]
+    [keys] = [e for e in gateway["env"] if e["name"] == "GATEWAY_API_KEYS"]
+    keys["valueFrom"]["secretKeyRef"]["name"] = secret
+    created = env.cli("secret", "create", secret, "--from-literal", f"api-key=e2e:{key}")
+    assert created.code == 0, created.text
     path = env.write("stack.yaml", doc)
     result = env.cli("apply", "-f", path, "--timeout", "5m")
     assert result.code == 0, result.text
@@ -113,9 +123,10 @@ def stack(images: None, env: Env, stack_name: str) -> Iterator[dict[str, Any]]:
     base = f"http://127.0.0.1:{port}"
     poll(lambda: ready(base), 300, "gateway ready")
     try:
-        yield {"base": base, "name": stack_name, "port": port}
+        yield {"base": base, "name": stack_name, "port": port, "key": key}
     finally:
         assert env.cli("delete", stack_name, "--purge-volumes").code == 0
+        assert env.cli("secret", "delete", secret).code == 0
 
 
 def _png() -> str:
@@ -132,10 +143,22 @@ def _png() -> str:
 
 def test_every_gateway_route_on_the_real_stack(stack: dict[str, Any], env: Env) -> None:
     base = stack["base"]
-    client = httpx.Client(base_url=base, timeout=120)
+    bearer = {"Authorization": f"Bearer {stack['key']}"}
+    client = httpx.Client(base_url=base, timeout=120, headers=bearer)
 
-    assert client.get("/health").json()["status"] == "ok"
-    assert client.get("/ready").json()["status"] == "ready"
+    # The probes answer anyone; everything else only a caller with a key.
+    anyone = httpx.Client(base_url=base, timeout=30)
+    assert anyone.get("/health").json()["status"] == "ok"
+    assert anyone.get("/ready").json()["status"] == "ready"
+    refused = anyone.post("/ai/llm/completion", json={"prompt": "hello", "max_tokens": 2})
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    wrong = {"Authorization": "Bearer sk-not-the-key"}
+    assert anyone.get("/v1/models", headers=wrong).status_code == 401
+    assert anyone.get("/openapi.json").status_code == 401
+    assert anyone.get("/v1/models", headers={"x-api-key": stack["key"]}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="sk-not-the-key").models.list()
 
     # The seed's AI API, synchronously.
     completion = client.post(
@@ -213,7 +236,7 @@ def test_every_gateway_route_on_the_real_stack(stack: dict[str, Any], env: Env) 
     assert workflow.json()["result"]["row_count"] == 2
 
     # OpenAI-compatible routes with the official client.
-    ai = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ai = openai.OpenAI(base_url=f"{base}/v1", api_key=stack["key"])
     models = {m.id for m in ai.models.list()}
     assert {"llm", "all-MiniLM-L6-v2"} <= models
     text = ai.completions.create(model="llm", prompt="hi", max_tokens=4, seed=7).choices[0].text
@@ -248,5 +271,5 @@ def test_every_gateway_route_on_the_real_stack(stack: dict[str, Any], env: Env) 
     ]
     podman("restart", "--time", "10", gateway["Id"])
     poll(lambda: ready(base), 120, "gateway back")
-    after = httpx.get(f"{base}/jobs/{job_id}", timeout=10).json()
+    after = httpx.get(f"{base}/jobs/{job_id}", timeout=10, headers=bearer).json()
     assert after["state"] == "succeeded" and after["result"] == done["result"]
