@@ -151,10 +151,12 @@ def test_command_line(
 def test_the_gateway_starts_and_turns_healthy(built: dict[str, BuiltImage]) -> None:
     """The image's own HEALTHCHECK, run by hand: without systemd podman never runs it."""
     name = f"aisemble-test-gw-{uuid.uuid4().hex[:8]}"
-    # The job store's default path wants a volume; /tmp serves for this check.
+    # The job store's default path wants a volume; /tmp serves for this check. Without
+    # an API key the gateway refuses to start.
     proc = podman(
         "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
-        "-e", "GATEWAY_JOBS_DB=/tmp/jobs.db", GATEWAY,
+        "-e", "GATEWAY_JOBS_DB=/tmp/jobs.db", "-e", "GATEWAY_API_KEYS=test:sk-images-test",
+        GATEWAY,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     try:

@@ -2,211 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import openai
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
+from gateway_fixtures import KEY, Stack, wait_for_job, wait_until_entered
 
-from aisemble.services.gateway.app import create
 from aisemble.services.gateway.jobs import JobStore
-from aisemble.services.gateway.settings import GatewaySettings
-
-
-class Backend:
-    """A fake service: records what it was sent, can be made slow, down or not ready."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ready = True
-        self.seen: list[dict[str, Any]] = []
-        self.release = asyncio.Event()
-        self.app = FastAPI()
-
-        @self.app.get("/ready")
-        async def ready() -> JSONResponse:
-            if self.ready:
-                return JSONResponse({"status": "ready"})
-            return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "7"})
-
-        @self.app.middleware("http")
-        async def record(request: Request, call_next):
-            body = await request.body()
-            self.seen.append(
-                {
-                    "path": request.url.path,
-                    "request_id": request.headers.get("x-request-id"),
-                    "body": json.loads(body) if body else None,
-                }
-            )
-            if not self.ready and request.url.path != "/ready":
-                return JSONResponse({"detail": "model loading"}, 503, headers={"Retry-After": "7"})
-            return await call_next(request)
-
-
-def llm_backend() -> Backend:
-    b = Backend("llm")
-
-    @b.app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "t"}]}
-
-    @b.app.post("/v1/completions")
-    async def completions(body: dict) -> Any:
-        if body.get("model", "tiny") != "tiny":
-            error = {
-                "message": f"no model {body.get('model')}",
-                "type": "invalid_request_error",
-                "code": "model_not_found",
-            }
-            return JSONResponse({"error": error}, 404)
-        if body.get("prompt") == "slow":
-            await b.release.wait()
-        text = body["prompt"][::-1]
-        if body.get("stream"):
-
-            async def events():
-                for ch in text:
-                    chunk = {
-                        "object": "text_completion",
-                        "model": "tiny",
-                        "choices": [{"index": 0, "text": ch, "finish_reason": None}],
-                    }
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return {
-            "id": "cmpl-1",
-            "object": "text_completion",
-            "created": 0,
-            "model": "tiny",
-            "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-
-    @b.app.post("/v1/chat/completions")
-    async def chat(body: dict) -> Any:
-        text = body["messages"][-1]["content"].upper()
-        if body.get("stream"):
-
-            async def events():
-                for ch in text:
-                    chunk = {
-                        "id": "c",
-                        "object": "chat.completion.chunk",
-                        "created": 0,
-                        "model": "tiny",
-                        "choices": [{"index": 0, "delta": {"content": ch}, "finish_reason": None}],
-                    }
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return {
-            "id": "c",
-            "object": "chat.completion",
-            "created": 0,
-            "model": "tiny",
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": text},
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-
-    return b
-
-
-def nlp_backend() -> Backend:
-    b = Backend("nlp")
-
-    @b.app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": "mini", "object": "model", "owned_by": "t"}]}
-
-    @b.app.post("/v1/embeddings")
-    async def embeddings(body: dict) -> dict:
-        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [
-            {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
-            for i, t in enumerate(texts)
-        ]
-        return {
-            "object": "list",
-            "data": data,
-            "model": "mini",
-            "usage": {"prompt_tokens": 1, "total_tokens": 1},
-        }
-
-    @b.app.post("/analyze")
-    async def analyze(body: dict) -> dict:
-        if "text" not in body:
-            return JSONResponse(
-                {"detail": [{"loc": ["body", "text"], "msg": "Field required"}]}, 422
-            )
-        return {"results": [{"stats": {"characters": len(body["text"])}}]}
-
-    return b
-
-
-def simple_backend(name: str, path: str, answer) -> Backend:
-    b = Backend(name)
-    b.app.post(path)(answer)
-    return b
-
-
-class Routing(httpx.AsyncBaseTransport):
-    """Sends each request to the fake backend its host names; unknown hosts are down."""
-
-    def __init__(self, backends: dict[str, Backend], down: set[str]) -> None:
-        self.transports = {n: httpx.ASGITransport(app=b.app) for n, b in backends.items()}
-        self.down = down
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        if host in self.down or host not in self.transports:
-            raise httpx.ConnectError(f"connection refused: {host}", request=request)
-        return await self.transports[host].handle_async_request(request)
-
-
-class Stack:
-    def __init__(self, tmp: Path, **settings: Any) -> None:
-        async def vision(body: dict) -> dict:
-            return {"width": len(body.get("image", ""))}
-
-        async def data(body: dict) -> dict:
-            return {"row_count": len(body.get("operations", []))}
-
-        self.backends = {
-            "llm": llm_backend(),
-            "nlp": nlp_backend(),
-            "vision": simple_backend("vision", "/analyze", vision),
-            "data": simple_backend("data", "/process", data),
-        }
-        self.down: set[str] = set()
-        self.settings = GatewaySettings(
-            llm_url="http://llm:8000",
-            nlp_url="http://nlp:8000",
-            vision_url="http://vision:8000",
-            data_url="http://data:8000",
-            jobs_db=str(tmp / "jobs.db"),
-            **settings,
-        )
-
-    def client(self) -> TestClient:
-        return TestClient(create(self.settings, transport=Routing(self.backends, self.down)))
 
 
 @pytest.fixture
@@ -218,21 +24,6 @@ def stack(tmp_path: Path) -> Stack:
 def client(stack: Stack) -> Iterator[TestClient]:
     with stack.client() as c:
         yield c
-
-
-def wait_for_job(
-    client: TestClient,
-    job_id: str,
-    states=("succeeded", "failed", "cancelled"),
-    timeout: float = 10.0,
-) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
 class TestProbes:
@@ -312,6 +103,43 @@ class TestAIRoutes:
         assert "did not answer" in response.json()["detail"]
 
 
+class TestRequestIds:
+    """Whatever bytes a caller puts in X-Request-ID, the id passed on is a safe token."""
+
+    ROUTES = [
+        ("/ai/nlp/analyze", {"text": "x"}, "nlp"),
+        ("/ai/llm/completion", {"prompt": "x"}, "llm"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+            "llm",
+        ),
+    ]
+
+    @pytest.mark.parametrize(
+        "raw",
+        ["café".encode(), "日本".encode(), b"caf\xe9", b"two words", b"x" * 129, b"tab\there"],
+        ids=["utf8", "cjk", "latin1", "space", "too-long", "tab"],
+    )
+    @pytest.mark.parametrize("path, body, backend", ROUTES, ids=[r[0] for r in ROUTES])
+    def test_an_id_that_cannot_be_passed_on_is_replaced(
+        self, stack: Stack, client: TestClient, raw: bytes, path: str, body: dict, backend: str
+    ) -> None:
+        response = client.post(path, json=body, headers={"X-Request-ID": raw})
+        assert response.status_code == 200, response.text
+        rid = response.headers["X-Request-ID"]
+        assert len(rid) == 32 and rid.isalnum()
+        assert stack.backends[backend].seen[-1]["request_id"] == rid
+
+    def test_printable_ascii_up_to_128_is_kept(self, stack: Stack, client: TestClient) -> None:
+        for rid in ("!" + "~" * 127, "a/b:c=d"):
+            response = client.post(
+                "/ai/nlp/analyze", json={"text": "x"}, headers={"X-Request-ID": rid}
+            )
+            assert response.headers["X-Request-ID"] == rid
+            assert stack.backends["nlp"].seen[-1]["request_id"] == rid
+
+
 class TestJobs:
     def test_async_requests_become_jobs(self, client: TestClient) -> None:
         response = client.post("/ai/llm/completion", json={"prompt": "abc", "async": True})
@@ -339,7 +167,8 @@ class TestJobs:
         job_id = client.post("/ai/llm/completion", json={"prompt": "slow", "async": True}).json()[
             "id"
         ]
-        wait_for_job(client, job_id, states=("running",))
+        wait_until_entered(client, stack.backends["llm"])
+        assert client.get(f"/jobs/{job_id}").json()["state"] == "running"
         cancelled = client.delete(f"/jobs/{job_id}")
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
         assert client.delete(f"/jobs/{job_id}").status_code == 409
@@ -358,7 +187,7 @@ class TestJobs:
 
     def test_a_job_running_when_the_gateway_died_is_failed_not_lost(self, stack: Stack) -> None:
         store = JobStore(stack.settings.jobs_db)
-        job = store.create("llm.completion", {"prompt": "abc"}, "rid")
+        job = store.create("llm.completion", {"prompt": "abc"}, "rid", owner="tests")
         assert store.start(job.id)  # then the process "dies"
         store.close()
         with stack.client() as client:
@@ -371,9 +200,11 @@ class TestJobs:
     def test_or_run_again_when_asked(self, tmp_path: Path) -> None:
         stack = Stack(tmp_path, rerun_interrupted=True)
         store = JobStore(stack.settings.jobs_db)
-        job = store.create("llm.completion", {"prompt": "abc"}, "rid")
+        job = store.create("llm.completion", {"prompt": "abc"}, "rid", owner="tests")
         store.start(job.id)
-        queued = store.create("llm.completion", {"prompt": "xy"}, "rid")  # never started
+        queued = store.create(
+            "llm.completion", {"prompt": "xy"}, "rid", owner="tests"
+        )  # never started
         store.close()
         with stack.client() as client:
             rerun = wait_for_job(client, job.id)
@@ -435,6 +266,30 @@ class TestWorkflows:
         assert response.status_code == 422
         assert "refers to step 'b', which does not run before it" in response.text
 
+    @pytest.mark.parametrize(
+        "text", ["${steps.gen.output.missing}", "about ${steps.gen.output.missing}!"]
+    )
+    def test_a_reference_the_output_lacks_is_422_naming_step_and_reference(
+        self, client: TestClient, text: str
+    ) -> None:
+        flow = {
+            "steps": [
+                {"name": "gen", "call": "llm.completion", "input": {"prompt": "x"}},
+                {"name": "stats", "call": "nlp.analyze", "input": {"text": text}},
+            ]
+        }
+        response = client.post("/workflows", json=flow)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert (detail["step"], detail["index"], detail["status"]) == ("stats", 1, 422)
+        assert "${steps.gen.output.missing}" in detail["error"]
+        assert "has no 'missing'" in detail["error"]
+        job_id = client.post("/workflows", json=flow | {"async": True}).json()["id"]
+        job = wait_for_job(client, job_id)
+        assert job["state"] == "failed" and job["error"]["status"] == 422
+        assert job["error"]["detail"]["step"] == "stats"
+        assert "${steps.gen.output.missing}" in job["error"]["detail"]["error"]
+
     def test_a_failing_step_is_named(self, stack: Stack, client: TestClient) -> None:
         stack.down.add("nlp")
         flow = {
@@ -454,8 +309,13 @@ class TestWorkflows:
 
 
 class TestOpenAI:
-    def test_the_official_client_works_through_the_gateway(self, client: TestClient) -> None:
-        ai = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    def test_the_official_client_works_through_the_gateway(self, stack: Stack) -> None:
+        with stack.client(key=None) as client:  # the SDK sends the key itself
+            self._use_the_sdk(
+                openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client)
+            )
+
+    def _use_the_sdk(self, ai: openai.OpenAI) -> None:
         assert sorted(m.id for m in ai.models.list()) == ["mini", "tiny"]
         completion = ai.completions.create(model="tiny", prompt="abc", max_tokens=3)
         assert completion.choices[0].text == "cba"

@@ -3,18 +3,22 @@
 It gives each service the same outside: `GET /health` (liveness: the process
 answers), `GET /ready` (readiness: the service can do its work, e.g. its model
 is loaded), `GET /metrics` (Prometheus text), an `X-Request-ID` on every
-response (taken from the request or made up), JSON access logs carrying it,
-a request-size limit (413), and `ServiceUnavailable` turned into 503 with
-`Retry-After`, as Kubernetes probes and HTTP clients expect.
+response (taken from the request when it is a safe token, else made up), JSON
+access logs carrying it, a request-size limit (413), and `ServiceUnavailable`
+turned into 503 with `Retry-After`, as Kubernetes probes and HTTP clients
+expect. A service may slot its own ASGI middleware (the gateway's API keys and
+quotas) inside the request id and access log, so its answers are logged too,
+and add fields to the access line with `log_fields`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +32,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aisemble.services.common import logs
@@ -37,6 +42,24 @@ log = logging.getLogger("aisemble.services")
 
 REQUEST_ID = "X-Request-ID"
 DEFAULT_MAX_BODY = 10 * 2**20
+PROBES = frozenset({"/health", "/ready", "/metrics"})
+_SAFE_REQUEST_ID = re.compile(rb"[!-~]{1,128}")
+# Where inner layers leave fields for the access log line (see log_fields).
+_LOG_FIELDS = "aisemble.log_fields"
+
+
+def log_fields(scope: Scope, **fields: Any) -> None:
+    """Add fields to this request's access log line (e.g. the gateway's key name)."""
+    scope.setdefault(_LOG_FIELDS, {}).update(fields)
+
+
+def _request_id(raw: bytes | None) -> str:
+    """The caller's request id when it is 1-128 printable ASCII characters (`!`..`~`),
+    else a new one: anything else cannot be passed on in an HTTP header (httpx
+    refuses non-ASCII) or would let a caller write spaces and quotes into logs."""
+    if raw and _SAFE_REQUEST_ID.fullmatch(raw):
+        return raw.decode("ascii")
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -74,8 +97,8 @@ class Readiness:
 class Metrics:
     """A registry per app (tests make many apps) with the HTTP metrics every service has."""
 
-    def __init__(self, service: str) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "http_requests_total",
             "HTTP requests by route and status.",
@@ -114,7 +137,13 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     readiness: Readiness | None = None,
+    registry: CollectorRegistry | None = None,
+    middleware: Sequence[Middleware] = (),
+    docs: bool = True,
 ) -> FastAPI:
+    """The service's app. `registry`: where its metrics go, when the service made metrics
+    before the app (for its `middleware`, which runs inside the request id and access
+    log, outside the body limit). `docs=False` removes /docs, /redoc and /openapi.json."""
     ready = readiness or Readiness()
 
     @asynccontextmanager
@@ -126,10 +155,13 @@ def create_app(
         async with lifespan(app):
             yield
 
-    app = FastAPI(title=f"AI-semble {service}", version=version, lifespan=run)
+    hidden: dict[str, Any] = (
+        {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    )
+    app = FastAPI(title=f"AI-semble {service}", version=version, lifespan=run, **hidden)
     app.state.service = service
     app.state.readiness = ready
-    app.state.metrics = Metrics(service)
+    app.state.metrics = Metrics(service, registry)
 
     @app.get("/health", tags=["probes"])
     async def health() -> dict[str, str]:
@@ -156,8 +188,11 @@ def create_app(
             headers={"Retry-After": str(exc.retry_after)},
         )
 
-    # The last added runs first: every answer, a 413 too, gets its request id, log and count.
+    # The last added runs first: every answer, a 413 or the service's own (a 401) too,
+    # gets its request id, log and count.
     app.add_middleware(_LimitBody, limit=max_body_bytes)
+    for layer in reversed(middleware):
+        app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
     app.add_middleware(_Observe, metrics=app.state.metrics)
     return app
 
@@ -229,10 +264,7 @@ class _Observe:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        rid = (
-            headers.get(REQUEST_ID.lower().encode(), b"").decode("latin-1")[:128]
-            or uuid.uuid4().hex
-        )
+        rid = _request_id(headers.get(b"x-request-id"))
         token = logs.request_id.set(rid)
         started = time.perf_counter()
         status = 500
@@ -243,7 +275,7 @@ class _Observe:
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [
-                    (REQUEST_ID.lower().encode(), rid.encode("latin-1"))
+                    (b"x-request-id", rid.encode("ascii"))
                 ]
                 route = _route(scope)
                 self.metrics.latency.labels(self.metrics.service, scope["method"], route).observe(
@@ -259,20 +291,16 @@ class _Observe:
             self.metrics.requests.labels(
                 self.metrics.service, scope["method"], route, str(status)
             ).inc()
-            if route not in ("/health", "/ready", "/metrics"):
+            if route not in PROBES:
+                fields = {
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                }
+                fields.update(scope.get(_LOG_FIELDS) or {})
                 log.info(
-                    "%s %s %s",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    extra={
-                        "fields": {
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 2),
-                        }
-                    },
+                    "%s %s %s", scope["method"], scope["path"], status, extra={"fields": fields}
                 )
             logs.request_id.reset(token)
 

@@ -1,4 +1,9 @@
-"""The gateway's routes: the seed's AI API, jobs, workflows, and OpenAI-compatible proxying."""
+"""The gateway's routes: the seed's AI API, jobs, workflows, and OpenAI-compatible proxying.
+
+Every route here runs behind the API-key guard (auth.py); a route that needs
+to know the caller (jobs belong to the key that created them) asks for
+`CallerDep`, which is None when the gateway runs without keys.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from aisemble.services.common import ServiceUnavailable
 from aisemble.services.common.logs import request_id
 from aisemble.services.gateway import workflows
+from aisemble.services.gateway.auth import CallerDep, caller_of
 from aisemble.services.gateway.backends import BackendError, Backends
-from aisemble.services.gateway.jobs import FINAL, JobRunner
+from aisemble.services.gateway.jobs import FINAL, Job
+from aisemble.services.gateway.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +102,12 @@ class LLMCompletion(BaseModel):
 router = APIRouter()
 
 
-async def _dispatch(gw: Gateway, kind: str, body: dict[str, Any], run_async: bool) -> Response:
+async def _dispatch(
+    gw: Gateway, kind: str, body: dict[str, Any], run_async: bool, caller: str | None
+) -> Response:
     if run_async:
         assert gw.runner is not None
-        job = gw.runner.submit(kind, body, request_id.get() or None)
+        job = gw.runner.submit(kind, body, request_id.get() or None, owner=caller)
         location = f"/jobs/{job.id}"
         return JSONResponse(
             {"id": job.id, "kind": kind, "state": job.state, "href": location},
@@ -111,9 +120,9 @@ async def _dispatch(gw: Gateway, kind: str, body: dict[str, Any], run_async: boo
 
 
 @router.post("/ai/llm/completion", tags=["ai"])
-async def llm_completion(req: LLMCompletion, gw: GatewayDep) -> Response:
+async def llm_completion(req: LLMCompletion, gw: GatewayDep, caller: CallerDep) -> Response:
     return await _dispatch(
-        gw, "llm.completion", req.model_dump(exclude={"run_async"}), req.run_async
+        gw, "llm.completion", req.model_dump(exclude={"run_async"}), req.run_async, caller
     )
 
 
@@ -145,7 +154,7 @@ def _passthrough(kind: str):
                         422, [{"loc": ["body", "async"], "msg": "must be true or false"}]
                     )
                 if run_async:
-                    return await _dispatch(gw, kind, body, True)
+                    return await _dispatch(gw, kind, body, True, caller_of(request))
                 raw = json.dumps(body).encode()
         reply = await gw.backends.forward(backend, path, raw)
         return Response(
@@ -167,17 +176,27 @@ router.post("/data/process", tags=["data"], summary="Run an operation list")(
 
 
 @router.post("/workflows", tags=["workflows"])
-async def run_workflow(flow: workflows.Workflow, gw: GatewayDep) -> Response:
+async def run_workflow(flow: workflows.Workflow, gw: GatewayDep, caller: CallerDep) -> Response:
     body = flow.model_dump(exclude={"run_async"})
-    return await _dispatch(gw, "workflow", body, flow.run_async)
+    return await _dispatch(gw, "workflow", body, flow.run_async, caller)
 
 
 # -- jobs ------------------------------------------------------------------------------------
 
 
+def _own_job(gw: Gateway, job_id: str, caller: str | None) -> Job:
+    """The caller's job, else 404: another key's job is answered as if it did not exist."""
+    assert gw.runner is not None
+    job = gw.runner.store.get(job_id)
+    if job is None or (caller is not None and job.owner != caller):
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
 @router.get("/jobs", tags=["jobs"])
 async def list_jobs(
     gw: GatewayDep,
+    caller: CallerDep,
     state: Annotated[
         str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
     ] = None,
@@ -185,25 +204,19 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     assert gw.runner is not None
-    jobs = gw.runner.store.list(state=state, kind=kind, limit=limit)
+    jobs = gw.runner.store.list(state=state, kind=kind, limit=limit, owner=caller)
     return {"jobs": [j.view() | {"result": None} for j in jobs], "count": len(jobs)}
 
 
 @router.get("/jobs/{job_id}", tags=["jobs"])
-async def get_job(job_id: str, gw: GatewayDep) -> dict[str, Any]:
-    assert gw.runner is not None
-    job = gw.runner.store.get(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
-    return job.view()
+async def get_job(job_id: str, gw: GatewayDep, caller: CallerDep) -> dict[str, Any]:
+    return _own_job(gw, job_id, caller).view()
 
 
 @router.delete("/jobs/{job_id}", tags=["jobs"])
-async def cancel_job(job_id: str, gw: GatewayDep) -> dict[str, Any]:
+async def cancel_job(job_id: str, gw: GatewayDep, caller: CallerDep) -> dict[str, Any]:
+    before = _own_job(gw, job_id, caller)
     assert gw.runner is not None
-    before = gw.runner.store.get(job_id)
-    if before is None:
-        raise HTTPException(404, f"no job {job_id}")
     if before.state in FINAL:
         raise HTTPException(409, f"job {job_id} already {before.state}; nothing to cancel")
     job = gw.runner.cancel(job_id)

@@ -5,26 +5,24 @@ on a volume; at start-up the gateway looks at what the previous process left:
 queued jobs are queued again, and a job that was running when the gateway
 died is reported failed (or run again, with `rerun_interrupted`), never lost
 and never left "running" forever.
+
+Each job belongs to the API key (its name) that created it; finished jobs are
+removed after a retention time and beyond a cap, oldest first, so the file
+does not grow forever. The runner that executes jobs is in runner.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-from fastapi import HTTPException
-
-from aisemble.services.common import ServiceUnavailable
-from aisemble.services.gateway.backends import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +47,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     created TEXT NOT NULL,
     started TEXT,
-    finished TEXT
+    finished TEXT,
+    owner TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created);
 """
-
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# After the migration: an older file gets the owner column first.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, finished);
+"""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Job:
     created: datetime
     started: datetime | None
     finished: datetime | None
+    owner: str | None
 
     def view(self) -> dict[str, Any]:
         """What GET /jobs/{id} answers."""
@@ -86,6 +89,7 @@ class Job:
             "duration_ms": duration,
             "attempts": self.attempts,
             "request_id": self.request_id,
+            "owner": self.owner,
             "result": self.result,
             "error": self.error,
         }
@@ -95,27 +99,59 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _stamp(when: datetime) -> str:
+    """Always with microseconds, so stamps sort as text in time order."""
+    return when.isoformat(timespec="microseconds")
+
+
 class JobStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, now: Callable[[], datetime] = _now) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.now = now
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._db.executescript(_INDEXES)
+
+    def _migrate(self) -> None:
+        """Bring a file written by an older gateway up to this schema."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:
+            # Jobs from before API keys have no owner: only a gateway without keys lists them.
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            log.info("job store %s: added the owner column", self.path)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def create(self, kind: str, request: dict[str, Any], request_id: str | None) -> Job:
+    def create(
+        self,
+        kind: str,
+        request: dict[str, Any],
+        request_id: str | None,
+        owner: str | None = None,
+    ) -> Job:
         job_id = uuid.uuid4().hex
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, kind, state, request, request_id, created) VALUES (?,?,?,?,?,?)",
-                (job_id, kind, QUEUED, json.dumps(request), request_id, _now().isoformat()),
+                "INSERT INTO jobs (id, kind, state, request, request_id, created, owner) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (
+                    job_id,
+                    kind,
+                    QUEUED,
+                    json.dumps(request),
+                    request_id,
+                    _stamp(self.now()),
+                    owner,
+                ),
             )
         job = self.get(job_id)
         assert job is not None
@@ -127,9 +163,17 @@ class JobStore:
         return _job(row) if row else None
 
     def list(
-        self, state: str | None = None, kind: str | None = None, limit: int = 100
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        owner: str | None = None,
     ) -> list[Job]:
+        """Newest first; `owner` given: only that key's jobs, else everyone's."""
         query, args = "SELECT * FROM jobs WHERE 1=1", []
+        if owner is not None:
+            query += " AND owner=?"
+            args.append(owner)
         if state:
             query += " AND state=?"
             args.append(state)
@@ -146,7 +190,7 @@ class JobStore:
         with self._lock:
             cur = self._db.execute(
                 "UPDATE jobs SET state=?, started=?, attempts=attempts+1 WHERE id=? AND state=?",
-                (RUNNING, _now().isoformat(), job_id, QUEUED),
+                (RUNNING, _stamp(self.now()), job_id, QUEUED),
             )
         return cur.rowcount == 1
 
@@ -160,7 +204,7 @@ class JobStore:
                     state,
                     json.dumps(result) if result is not None else None,
                     json.dumps(error) if error is not None else None,
-                    _now().isoformat(),
+                    _stamp(self.now()),
                     job_id,
                     *FINAL,
                 ),
@@ -182,7 +226,7 @@ class JobStore:
                 }
                 self._db.execute(
                     "UPDATE jobs SET state=?, error=?, finished=? WHERE state=?",
-                    (FAILED, json.dumps(error), _now().isoformat(), RUNNING),
+                    (FAILED, json.dumps(error), _stamp(self.now()), RUNNING),
                 )
                 failed = running
             queued = [
@@ -192,6 +236,25 @@ class JobStore:
                 )
             ]
         return queued, failed
+
+    def prune(self, retention_s: float, max_jobs: int) -> int:
+        """Remove finished jobs older than the retention, then, while more than `max_jobs`
+        are kept, the finished ones that ended first. Queued and running jobs stay."""
+        cutoff = _stamp(self.now() - timedelta(seconds=retention_s))
+        with self._lock:
+            expired = self._db.execute(
+                "DELETE FROM jobs WHERE state IN (?,?,?) AND COALESCE(finished, created) < ?",
+                (*FINAL, cutoff),
+            ).rowcount
+            (kept,) = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            over = 0
+            if kept > max_jobs:
+                over = self._db.execute(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN (?,?,?) "
+                    "ORDER BY COALESCE(finished, created) LIMIT ?)",
+                    (*FINAL, kept - max_jobs),
+                ).rowcount
+        return expired + over
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -210,88 +273,5 @@ def _job(row: sqlite3.Row) -> Job:
         created=when(row["created"]),  # type: ignore[arg-type]
         started=when(row["started"]),
         finished=when(row["finished"]),
+        owner=row["owner"],
     )
-
-
-class JobRunner:
-    """Runs queued jobs with bounded concurrency; cancelling a running job aborts its call."""
-
-    def __init__(self, store: JobStore, handlers: dict[str, Handler], workers: int) -> None:
-        self.store = store
-        self.handlers = handlers
-        self.slots = asyncio.Semaphore(workers)
-        self.tasks: dict[str, asyncio.Task] = {}
-
-    def submit(self, kind: str, request: dict[str, Any], request_id: str | None) -> Job:
-        if kind not in self.handlers:
-            raise ValueError(f"unknown job kind {kind!r}")
-        job = self.store.create(kind, request, request_id)
-        self._spawn(job.id)
-        return job
-
-    def resume(self, rerun: bool) -> None:
-        queued, failed = self.store.recover(rerun)
-        if failed:
-            log.warning(
-                "%d job(s) were running when the gateway stopped: marked failed", len(failed)
-            )
-        for job_id in queued:
-            self._spawn(job_id)
-        if queued:
-            log.info("resumed %d queued job(s)", len(queued))
-
-    def cancel(self, job_id: str) -> Job | None:
-        job = self.store.get(job_id)
-        if job is None or job.state in FINAL:
-            return job
-        self.store.finish(job_id, CANCELLED, error={"status": 499, "detail": "cancelled"})
-        task = self.tasks.get(job_id)
-        if task is not None:
-            task.cancel()
-        return self.store.get(job_id)
-
-    async def wait(self, job_id: str) -> Job:
-        task = self.tasks.get(job_id)
-        if task is not None:
-            await asyncio.shield(task)
-        job = self.store.get(job_id)
-        assert job is not None
-        return job
-
-    async def shutdown(self) -> None:
-        for task in list(self.tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-
-    def _spawn(self, job_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(job_id))
-        self.tasks[job_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(job_id, None))
-
-    async def _run(self, job_id: str) -> None:
-        async with self.slots:
-            if not self.store.start(job_id):
-                return
-            job = self.store.get(job_id)
-            assert job is not None
-            try:
-                result = await self.handlers[job.kind](job.request)
-            except asyncio.CancelledError:
-                # cancel() already recorded the cancellation; a shutdown leaves it running,
-                # and the next start-up reports it (recover()).
-                raise
-            except BackendError as exc:
-                self.store.finish(job_id, FAILED, error={"status": exc.status, "detail": exc.body})
-            except HTTPException as exc:
-                self.store.finish(
-                    job_id, FAILED, error={"status": exc.status_code, "detail": exc.detail}
-                )
-            except ServiceUnavailable as exc:
-                error = {"status": 503, "detail": exc.detail, "retry_after": exc.retry_after}
-                self.store.finish(job_id, FAILED, error=error)
-            except Exception as exc:  # a job's failure must be recorded, whatever it was
-                log.exception("job %s failed", job_id)
-                error = {"status": 500, "detail": f"{type(exc).__name__}: {exc}"}
-                self.store.finish(job_id, FAILED, error=error)
-            else:
-                self.store.finish(job_id, SUCCEEDED, result=result)

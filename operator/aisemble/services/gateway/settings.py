@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
+
+from aisemble.services.gateway.quotas import parse_key_limits
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+def _seconds(value: Any) -> Any:
+    """`7d`, `12h`, `30m`, `45s` or a plain number of seconds."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if not match:
+            raise ValueError("expected seconds or a duration such as 45s, 30m, 12h or 7d")
+        return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_seconds)]
 
 
 class GatewaySettings(BaseModel):
@@ -32,6 +53,68 @@ class GatewaySettings(BaseModel):
         "llm,vision,nlp,data",
         description="Backends /ready waits for, comma separated (empty: none).",
     )
+
+    # -- who may call ------------------------------------------------------------------------
+    auth: Literal["required", "none"] = Field(
+        "required",
+        description="`required`: every route but /health, /ready and /metrics needs an API key; "
+        "`none`: no keys, no per-key limits, every caller sees every job.",
+    )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="API keys, separated by newlines or commas; each `KEY` or `NAME:KEY`. The "
+        "name (letters, digits, `_.-`) appears in logs and metrics, never the key; an unnamed "
+        "key is named `key-` and the start of its sha256. Several keys at once allow rotation.",
+    )
+    rate_limit_rpm: int = Field(
+        600,
+        ge=0,
+        description="Requests per minute per key (0: unlimited); a key may spend a whole "
+        "minute's worth at once, then one per 60/rpm seconds.",
+    )
+    max_concurrent_per_key: int = Field(
+        32,
+        ge=0,
+        description="Requests a key may have in progress at once, a stream until it ends "
+        "(0: unlimited).",
+    )
+    key_limits: str = Field(
+        "",
+        description="Per key name overrides, `NAME=rpm:N,concurrent:N;NAME=...` "
+        "(e.g. `batch=rpm:6000,concurrent:64;ci=rpm:60`); unnamed limits keep the defaults.",
+    )
+    docs: bool = Field(
+        True, description="Serve /docs, /redoc and /openapi.json (to key holders); false: 404."
+    )
+
+    # -- jobs ----------------------------------------------------------------------------------
+    max_queued: int = Field(
+        1000,
+        ge=1,
+        description="Jobs that may wait for a worker; beyond, async submissions get 503.",
+    )
+    max_jobs: int = Field(
+        10000,
+        ge=1,
+        description="Jobs kept; beyond, the oldest finished ones are removed.",
+    )
+    job_retention_s: Duration = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long a finished job is kept: seconds or a duration (`7d`, `12h`).",
+    )
+    prune_interval_s: Duration = Field(
+        600.0,
+        gt=0,
+        description="How often finished jobs past retention or the cap are removed (also at "
+        "start-up): seconds or a duration.",
+    )
+
+    @field_validator("key_limits")
+    @classmethod
+    def _limits_parse(cls, value: str) -> str:
+        parse_key_limits(value)
+        return value
 
     def backend_urls(self) -> dict[str, str]:
         return {

@@ -11,7 +11,9 @@ The seed's data flow (request -> orchestrator -> AI services -> data processor
 
 A string that is exactly one reference takes the referenced value whatever its
 type; references inside a longer string are interpolated as text. References
-may only point at earlier steps, which is checked before anything runs.
+may only point at earlier steps, which is checked before anything runs; a
+reference to something the earlier step's output lacks can only be found when
+that step has run, and fails the step that refers to it (422 naming both).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class Workflow(BaseModel):
         return self
 
 
+class UnresolvedReference(ValueError):
+    """A reference names a key or index the earlier step's output does not have."""
+
+
 class StepFailed(Exception):
     def __init__(self, step: str, index: int, cause: Exception) -> None:
         super().__init__(f"step {index} ({step}) failed: {cause}")
@@ -77,9 +83,9 @@ async def run(workflow: Workflow, call: Caller) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     report: dict[str, Any] = {}
     for i, step in enumerate(workflow.steps):
-        body = resolve(step.input, outputs)
         started = time.perf_counter()
         try:
+            body = resolve(step.input, outputs)
             output = await call(step.call, body)
         except Exception as exc:
             raise StepFailed(step.name, i, exc) from exc
@@ -114,7 +120,10 @@ def _lookup(outputs: dict[str, Any], step: str, path: str) -> Any:
         try:
             value = value[int(index)] if index else value[key]
         except (KeyError, IndexError, TypeError):
-            raise ValueError(f"{walked} has no {key or '[' + index + ']'}") from None
+            missing = repr(key) if key else f"[{index}]"
+            raise UnresolvedReference(
+                f"${{steps.{step}.output{path}}}: {walked} has no {missing}"
+            ) from None
         walked += f".{key}" if key else f"[{index}]"
     return value
 
@@ -135,4 +144,4 @@ def _references(value: Any) -> set[str]:
     return set()
 
 
-__all__ = ["CALLS", "Step", "StepFailed", "Workflow", "resolve", "run"]
+__all__ = ["CALLS", "Step", "StepFailed", "UnresolvedReference", "Workflow", "resolve", "run"]
