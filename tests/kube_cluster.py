@@ -7,6 +7,13 @@ kopf looks for in any cluster. `Emulator` adds resource versions, generations
 and uids, as an API server sets them; it does not validate against the CRD's
 schema (the operator validates every resource itself anyway).
 
+For the least-privilege tests it also records every request (method, path,
+query, and who sent it, by its bearer token), hands out ServiceAccount tokens
+(the TokenRequest API, and `kubernetes.io/service-account-token` Secrets filled
+as the token controller fills them) and, with `Cluster(peering=True)`, serves
+kopf's peering resources. It authorizes nothing: the tests judge the recorded
+requests against the RBAC manifests themselves.
+
 The operator under test is the real `aisemble run --source kube` process,
 pointed at the emulator by a kubeconfig; the tests talk to it with the real
 kubernetes client.
@@ -15,13 +22,17 @@ kubernetes client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import re
 import threading
 import uuid
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
@@ -29,6 +40,23 @@ import kubernetes
 import yaml
 
 GROUP, VERSION, PLURAL = "aisemble.io", "v1alpha1", "aisembles"
+# The token of the user in `Cluster.kubeconfig()`: the admin, in the least-privilege tests.
+ADMIN_TOKEN = "kmock"
+ADMIN, ANONYMOUS = "admin", "system:anonymous"
+SA_TOKEN_TYPE = "kubernetes.io/service-account-token"
+SA_NAME_ANNOTATION = "kubernetes.io/service-account.name"
+# Where Namespaces are kept (see Emulator.__call__): a group no client asks for.
+NAMESPACES = "kmock.test/v1/allnamespaces"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as it reached the API server: who, what HTTP method, which path."""
+
+    user: str  # ADMIN, ANONYMOUS (the tests' own client) or system:serviceaccount:NS:NAME
+    method: str
+    path: str
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @attrs.define(kw_only=True)
@@ -39,8 +67,33 @@ class Emulator(kmock.KubernetesEmulator):
     names made from `generateName` (Events are created so)."""
 
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+    # Every request, in order of arrival (appended in the server's thread, read in the tests').
+    recorded: list[Recorded] = attrs.field(factory=list, init=False)
+    recorded_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    # Bearer token -> the ServiceAccount it was issued for.
+    _tokens: dict[str, str] = attrs.field(factory=dict, init=False)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Every request is recorded as it came; those for Namespaces go on under another
+        path: KMock cannot parse `/api/v1/namespaces[/NAME]` (it takes `namespaces/` for the
+        start of a namespaced path), so they are served as the cluster-scoped resource
+        `NAMESPACES` (same verbs, same objects, same watch)."""
+        self._record(raw_request)
+        match = re.fullmatch(r"/api/v1/namespaces(/[^/]+)?/?", raw_request.path)
+        if match:
+            path = f"/apis/{NAMESPACES}" + (match.group(1) or "")
+            url = raw_request.rel_url.with_path(path).with_query(raw_request.rel_url.query)
+            raw_request = raw_request.clone(rel_url=url)
+        return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if (
+            request.resource is not None
+            and request.action == kmock.action.CREATE
+            and isinstance(request.data, dict)
+            and request.data.get("type") == SA_TOKEN_TYPE
+        ):
+            self._fill_service_account_token(request)
         if request.resource is not None and isinstance(request.data, dict | list):
             if request.action == kmock.action.CREATE:
                 meta = request.data.setdefault("metadata", {})
@@ -85,6 +138,65 @@ class Emulator(kmock.KubernetesEmulator):
             if spec is not None and spec != current.get("spec") and request.subresource is None:
                 meta["generation"] = generation + 1
 
+    def _record(self, raw_request: aiohttp.web.BaseRequest) -> None:
+        token = raw_request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        user = ANONYMOUS if not token else ADMIN if token == ADMIN_TOKEN else None
+        if user is None:
+            user = self._tokens.get(token, "unknown-token")
+        recorded = Recorded(user, raw_request.method, raw_request.path, dict(raw_request.query))
+        with self.recorded_lock:
+            self.recorded.append(recorded)
+
+    def _issue(self, namespace: str, name: str) -> str:
+        token = f"sa-{uuid.uuid4().hex}"
+        self._tokens[token] = f"system:serviceaccount:{namespace}:{name}"
+        return token
+
+    def _service_account_exists(self, namespace: str | None, name: str | None) -> bool:
+        try:
+            return not self.objects["v1/serviceaccounts", namespace, name].deleted
+        except KeyError:
+            return False
+
+    async def serve_token_request(self, request: kmock.Request) -> Any:
+        """POST .../serviceaccounts/NAME/token (the TokenRequest API): a token for NAME."""
+        if not self._service_account_exists(request.namespace, request.name):
+            raise kmock.KubernetesObjectNotFoundError()
+        spec = dict((request.data or {}).get("spec") or {})
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        if seconds < 600:  # as kube-apiserver refuses it
+            raise _Unprocessable(
+                message="expirationSeconds: may not specify a duration less than 10 minutes"
+            )
+        expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
+        spec.setdefault("audiences", ["https://kubernetes.default.svc"])
+        spec["expirationSeconds"] = seconds
+        return {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "metadata": {"name": request.name, "namespace": request.namespace},
+            "spec": spec,
+            "status": {
+                "token": self._issue(request.namespace or "", request.name or ""),
+                "expirationTimestamp": expires.isoformat().replace("+00:00", "Z"),
+            },
+        }
+
+    def _fill_service_account_token(self, request: kmock.Request) -> None:
+        """What the token controller does to a new `kubernetes.io/service-account-token`
+        Secret of an existing ServiceAccount: fill in its token (here, at once)."""
+        meta = request.data.get("metadata") or {}
+        namespace = request.namespace or meta.get("namespace")
+        account = (meta.get("annotations") or {}).get(SA_NAME_ANNOTATION)
+        if not self._service_account_exists(namespace, account):
+            return  # as for the controller: a Secret of no ServiceAccount gets no token
+        token = self._issue(namespace, account)
+        request.data["data"] = {
+            **(request.data.get("data") or {}),
+            "token": base64.b64encode(token.encode()).decode(),
+            "namespace": base64.b64encode(namespace.encode()).decode(),
+        }
+
 
 @attrs.frozen
 class _Unprocessable(kmock.KubernetesError):
@@ -97,8 +209,11 @@ def _now() -> str:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    def __init__(self, peering: bool = False) -> None:
+        """`peering`: also serve kopf's peering resources (ClusterKopfPeering, KopfPeering)."""
         self.url = ""
+        self._peering = peering
+        self._emulator: Emulator | None = None
         self._loop = asyncio.new_event_loop()
         self._stopping: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, name="kmock", daemon=True)
@@ -151,6 +266,9 @@ class Cluster:
             emulator.resources["v1/namespaces"] = kmock.ResourceInfo(
                 kind="Namespace", singular="namespace", namespaced=False, verbs={"get", "list"}
             )
+            emulator.resources[NAMESPACES] = kmock.ResourceInfo(
+                kind="Namespace", singular="namespace", namespaced=False
+            )
             # What every cluster serves and kopf looks for: it watches CRDs to notice new ones.
             emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = (
                 kmock.ResourceInfo(
@@ -160,6 +278,27 @@ class Cluster:
                     verbs={"get", "list", "watch"},
                 )
             )
+            for plural, kind in (("serviceaccounts", "ServiceAccount"), ("secrets", "Secret")):
+                emulator.resources[f"v1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind,
+                    singular=kind.lower(),
+                    namespaced=True,
+                    subresources={"token"} if plural == "serviceaccounts" else set(),
+                    verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                )
+            emulator[kmock.method.POST][kmock.subresource("token")] << emulator.serve_token_request
+            if self._peering:  # as kopf's peering.yaml defines them: no status subresource
+                for plural, kind, namespaced in (
+                    ("clusterkopfpeerings", "ClusterKopfPeering", False),
+                    ("kopfpeerings", "KopfPeering", True),
+                ):
+                    emulator.resources[f"kopf.dev/v1/{plural}"] = kmock.ResourceInfo(
+                        kind=kind,
+                        singular=kind.lower(),
+                        namespaced=namespaced,
+                        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                    )
+            self._emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stopping.wait()
@@ -171,7 +310,7 @@ class Cluster:
                     "apiVersion": "v1",
                     "kind": "Config",
                     "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
-                    "users": [{"name": "tester", "user": {"token": "kmock"}}],
+                    "users": [{"name": "tester", "user": {"token": ADMIN_TOKEN}}],
                     "contexts": [
                         {"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}
                     ],
@@ -180,6 +319,13 @@ class Cluster:
             )
         )
         return path
+
+    def requests(self, user: str | None = None) -> list[Recorded]:
+        """The requests so far (those of `user` only, if given), in order of arrival."""
+        assert self._emulator is not None, "the cluster is not started"
+        with self._emulator.recorded_lock:
+            recorded = list(self._emulator.recorded)
+        return [r for r in recorded if user is None or r.user == user]
 
     # -- the tests' side, through the kubernetes client ------------------------------------
 

@@ -13,6 +13,7 @@ from git_helpers import GitRepo
 
 from aisemble.loading import load_text
 from aisemble.model import StackKey
+from aisemble.planning.admission import Policy
 from aisemble.sources.git import GitSource, GitSpec, GitSpecError, parse_spec
 from aisemble.sources.specs import SourceSpecError, canonical_id, open_source
 from aisemble.sources.store import Store
@@ -120,7 +121,14 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def source(repo: GitRepo, store: Store, spec: str = "#main:stacks", **kwargs) -> GitSource:
-    return GitSource(parse_spec(f"git:{repo.path}{spec}"), store, **kwargs)
+    return ungoverned(GitSource(parse_spec(f"git:{repo.path}{spec}"), store, **kwargs))
+
+
+def ungoverned(source: GitSource) -> GitSource:
+    """These tests are about syncing, with made-up images: no admission policy (its own
+    tests are in test_admission.py)."""
+    source.admission = Policy(governed=())
+    return source
 
 
 def names(store: Store, source_id: str) -> list[str]:
@@ -173,7 +181,7 @@ class TestSync:
         other = GitRepo(repo.path.parent / "other")
         other.write("x.yaml", stack("x"))
         other.commit()
-        root = GitSource(parse_spec(f"git:{other.path}"), store)
+        root = ungoverned(GitSource(parse_spec(f"git:{other.path}"), store))
         assert root.sync().error is None and names(store, root.id) == ["x"]
 
     def test_refs_resolve_to_branches_tags_commits_and_the_default_branch(
@@ -196,9 +204,11 @@ class TestSync:
             (first, first),
             (third[:10], third),
         ]:
-            outcome = GitSource(parse_spec(f"git:{repo.path}#{ref}:stacks"), store).sync()
+            outcome = ungoverned(
+                GitSource(parse_spec(f"git:{repo.path}#{ref}:stacks"), store)
+            ).sync()
             assert outcome.revision == commit, ref
-        unknown = GitSource(parse_spec(f"git:{repo.path}#nope:stacks"), store).sync()
+        unknown = ungoverned(GitSource(parse_spec(f"git:{repo.path}#nope:stacks"), store)).sync()
         assert "has no branch, tag or commit named 'nope'" in unknown.error
 
     def test_a_bad_commit_changes_nothing_and_says_where_until_fixed(
@@ -247,7 +257,9 @@ class TestSync:
         outcome = git.sync()
         assert f"stacks: no such folder or file in commit {moved[:12]}" in outcome.error
         assert names(store, git.id) == ["a"]
-        gone = GitSource(parse_spec(f"git:{repo.path.parent / 'nope'}#main"), store).sync()
+        gone = ungoverned(
+            GitSource(parse_spec(f"git:{repo.path.parent / 'nope'}#main"), store)
+        ).sync()
         assert "git fetch" in gone.error and "check the URL" in gone.error
 
     def test_removed_files_prune_their_stacks_unless_prune_is_off(

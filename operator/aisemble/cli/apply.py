@@ -21,7 +21,8 @@ from aisemble.podman.cdi import Inventory
 from aisemble.podman.errors import PodmanUnavailable
 from aisemble.podman.secrets import SecretError
 from aisemble.reconciler import PassReport, StepOutcome
-from aisemble.sources.store import StoreError
+from aisemble.sources import audit
+from aisemble.sources.store import CLI_SOURCE, Change, Store, StoreError
 
 
 class ProgressPrinter:
@@ -129,6 +130,8 @@ def cmd_apply(args: argparse.Namespace, session: Session) -> int:
     printer = ProgressPrinter()
     # Connect first: when podman is unreachable, fail before anything is stored.
     with session.controller(progress=printer.step) as controller:
+        log = audit.AuditLog.of(session.store.state_dir)
+        changed: list[str] = []
         try:
             if manifests.secrets:  # refuse the input before a secret is written
                 session.store.apply(manifests.documents, dry_run=True)
@@ -137,11 +140,14 @@ def cmd_apply(args: argparse.Namespace, session: Session) -> int:
         except StoreError as exc:
             refused(exc, manifests)
             note("nothing was applied")
+            audit_refused(log, manifests, exc)
             return 1
         except SecretError as exc:
             error(exc.message)
             note("nothing was applied")
+            audit_refused(log, manifests, exc)
             return 1
+        audit_applied(log, session.store, manifests, changes, changed)
         for change in changes:
             print(change, flush=True)
         keys = [c.key for c in changes]
@@ -149,6 +155,52 @@ def cmd_apply(args: argparse.Namespace, session: Session) -> int:
             keys += [k for k in secret_cli.stacks_using(session.store, changed) if k not in keys]
         reports = controller.converge(keys, args.timeout, wait=args.wait, on_pass=printer.status)
     return _summarize(keys, reports, printer, waited=args.wait, timeout=args.timeout)
+
+
+def audit_applied(
+    log: audit.AuditLog,
+    store: Store,
+    manifests: Manifests,
+    changes: list[Change],
+    secrets_changed: list[str],
+) -> None:
+    """An audit entry per stack and per Secret of an apply (a Secret by name and keys)."""
+    who = audit.local_user()
+    for doc in manifests.secrets:
+        secret = doc.secret
+        outcome = audit.APPLIED if secret.name in secrets_changed else audit.UNCHANGED
+        keys = audit.secret_keys([*secret.data, *secret.stringData])
+        log.record(
+            audit.APPLY, outcome, CLI_SOURCE, who, kind="Secret", name=secret.name, keys=keys
+        )
+    for change in changes:
+        stored = store.get(change.key)
+        unchanged = change.verb == "unchanged"
+        log.record(
+            audit.APPLY,
+            audit.UNCHANGED if unchanged else audit.APPLIED,
+            CLI_SOURCE,
+            who,
+            change.key,
+            generation=stored.generation if stored else None,
+            change=None if unchanged else change.verb,
+        )
+
+
+def audit_refused(log: audit.AuditLog, manifests: Manifests, exc: StoreError | SecretError) -> None:
+    """An audit entry per stack of an apply that stored nothing: `refused` when the store
+    refused the input (a conflict), `failed` when a Secret could not be written."""
+    if isinstance(exc, SecretError):
+        outcome, reason, why = audit.FAILED, "SecretError", {}
+        default = "a Secret of the input could not be stored"
+    else:
+        outcome, reason = audit.REFUSED, "Conflict"
+        why = {key: f"{path}: {text}" if path else text for key, path, text in exc.refusals}
+        default = "another document of the input was refused" if exc.refusals else str(exc)
+    who = audit.local_user()
+    for doc in manifests.documents:
+        message = f"{why.get(doc.key, default)}; nothing was applied"
+        log.record(audit.APPLY, outcome, CLI_SOURCE, who, doc.key, reason=reason, message=message)
 
 
 def _summarize(

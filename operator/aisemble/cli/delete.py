@@ -21,7 +21,8 @@ from aisemble.cli.session import Session
 from aisemble.controller import Controller
 from aisemble.model import StackKey
 from aisemble.reconciler import PassReport
-from aisemble.sources.store import Change, StoreError
+from aisemble.sources import audit
+from aisemble.sources.store import CLI_SOURCE, Change, StoreError
 
 # Stacks torn down at once; each runs its own steps in parallel too.
 PARALLEL_STACKS = 16
@@ -48,17 +49,39 @@ def cmd_delete(args: argparse.Namespace, session: Session) -> int:
         return 2
     code = 0
     volumes = {k: bool(s.resource.spec.volumes) for k in keys if (s := session.store.get(k))}
+    log, who = audit.AuditLog.of(session.store.state_dir), audit.local_user()
     printer = ProgressPrinter()
     with session.controller(progress=printer.step) as controller:
         changes: list[Change] = []
         for key in keys:  # one by one: a name that cannot be deleted stops no other
+            stored = session.store.get(key)
             try:
                 changes += session.store.request_delete([key], purge_volumes=args.purge_volumes)
             except StoreError as exc:
-                if session.store.get(key) is None and args.ignore_not_found:
+                if stored is None and args.ignore_not_found:
                     continue
                 error(str(exc))
                 code = 1
+                reason = "NotFound" if stored is None else "Conflict"
+                log.record(
+                    audit.DELETE,
+                    audit.REFUSED,
+                    CLI_SOURCE,
+                    who,
+                    key,
+                    reason=reason,
+                    message=str(exc),
+                )
+                continue
+            log.record(
+                audit.DELETE,
+                audit.DELETED,
+                CLI_SOURCE,
+                who,
+                key,
+                generation=stored.generation if stored else None,
+                message="volumes purged" if args.purge_volumes else None,
+            )
         _converge_together(controller, [c.key for c in changes], args.timeout, args.wait)
     for change in changes:
         stored = session.store.get(change.key)

@@ -11,6 +11,7 @@ from aisemble import __version__
 from aisemble.cli import gitops as gitops_cli
 from aisemble.cli import images as images_cli
 from aisemble.cli import kube as kube_cli
+from aisemble.cli import run as run_cli
 from aisemble.cli import secret as secret_cli
 from aisemble.cli.printing import duration_arg, error, wait_options
 from aisemble.telemetry import logs
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="one pass over everything, then exit")
     kube_cli.add_options(p)
     gitops_cli.add_run_options(p)
+    run_cli.add_options(p)
 
     p = sub.add_parser(
         "sync", help="sync git and directory sources now and converge; `sync status` shows them"
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     images_cli.add_parser(sub)
     secret_cli.add_parser(sub)
+    kube_cli.add_parser(sub)
     return parser
 
 
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     from aisemble.cli.session import Session
     from aisemble.podman.errors import PodmanUnavailable
 
+    if args.command == "kube":  # the cluster's credentials: no store, no podman
+        return kube_cli.cmd_kube(args)
     handlers = {
         "apply": apply.cmd_apply,
         "diff": apply.cmd_diff,

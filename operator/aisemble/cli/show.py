@@ -1,16 +1,24 @@
-"""`get`, `describe` and `events`: what is stored and what podman runs."""
+"""`get`, `describe` and `events`: what is stored and what podman runs.
+
+`events` (and the events `describe` shows) merges the stack's events with its
+share of the audit log, in time order: an audit entry is a row of reason
+`Audit` saying who applied, deleted or was refused what.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aisemble.cli.printing import age, dump, error, note, table
 from aisemble.cli.session import Session
 from aisemble.cli.wait import refresh
-from aisemble.model import GROUP, KIND, PLURAL, SUSPEND_ANNOTATION, StackKey
+from aisemble.model import GROUP, KIND, PLURAL, SUSPEND_ANNOTATION, Condition, StackKey
+from aisemble.planning.admission import NOT_ADMITTED
 from aisemble.podman.errors import PodmanUnavailable
-from aisemble.sources.store import StoredStack
+from aisemble.sources import admitting, audit
+from aisemble.sources.store import Store, StoredStack
 
 
 def _phase(stack: StoredStack) -> str:
@@ -26,6 +34,10 @@ def _selected(args: argparse.Namespace, session: Session) -> list[StoredStack] |
         stack = session.store.get(StackKey(ns, args.name))
         if stack is None:
             error(f'aisemble "{args.name}" not found in namespace "{ns}"')
+            for source, violations in _refusals(session.store, StackKey(ns, args.name)):
+                note(f"{source} declares it, but it is {admitting.REFUSED}:")
+                for line in violations:
+                    note(f"  {line}")
             known = session.store.list()
             if known:
                 note("known stacks: " + ", ".join(str(s.key) for s in known))
@@ -62,7 +74,7 @@ def cmd_get(args: argparse.Namespace, session: Session) -> int:
         return 1
     fmt = args.output
     if fmt in ("yaml", "json"):
-        docs = [s.with_status().to_document() for s in stacks]
+        docs = [_with_acceptance(s, session.store) for s in stacks]
         if args.name:
             dump(docs[0], fmt)
         else:
@@ -131,6 +143,12 @@ def cmd_describe(args: argparse.Namespace, session: Session) -> int:
         message = f"{st.reason}: {st.message}" if st and st.message else ""
         rows.append([f"  {svc.name}", ready, svc.image, ", ".join(svc.dependsOn) or "-", message])
     table(["  NAME", "READY", "IMAGE", "DEPENDS ON", "MESSAGE"], rows)
+    refusal = _not_accepted(stack, session.store)
+    if refusal is not None:
+        print(f"Accepted:     False ({NOT_ADMITTED}): its latest version in {stack.source}")
+        print(f"              is {admitting.REFUSED}; the version shown, applied before, runs:")
+        for line in refusal.message.splitlines():
+            print(f"  {line}")
     security = [[f"  {s.name}", s.security] for s in (status.services if status else [])]
     if any(row[1] for row in security):
         print("Security:")
@@ -179,24 +197,96 @@ def _describe_pods(stack: StoredStack, session: Session, now: datetime) -> None:
     table(["  NAME", "SERVICE", "STATE", "STARTED", "HOST PORTS"], rows)
 
 
+def _refusals(store: Store, key: StackKey) -> list[tuple[str, list[str]]]:
+    """(source, violations) of each file source whose last sync refused `key` by policy."""
+    found = []
+    for record in store.source_syncs():
+        violations = admitting.not_admitted(record, key)
+        if violations is not None:
+            found.append((record.source, violations))
+    return found
+
+
+def _not_accepted(stack: StoredStack, store: Store) -> Condition | None:
+    """`Accepted` False for a stack whose own source (git, a directory) refused its latest
+    version by the admission policy: what runs is the version applied before."""
+    record = store.source_sync(stack.source)
+    violations = admitting.not_admitted(record, stack.key)
+    if record is None or violations is None:
+        return None
+    return Condition(
+        type="Accepted",
+        status="False",
+        reason=NOT_ADMITTED,
+        message="\n".join(violations),
+        lastTransitionTime=record.applied_at or record.checked_at or datetime.now(UTC),
+    )
+
+
+def _with_acceptance(stack: StoredStack, store: Store) -> dict:
+    """The resource as `get -o yaml` shows it: with `Accepted` False where it applies."""
+    document = stack.with_status().to_document()
+    refusal = _not_accepted(stack, store)
+    if refusal is not None:
+        status = document.setdefault("status", {})
+        others = [c for c in status.get("conditions", []) if c.get("type") != "Accepted"]
+        status["conditions"] = [*others, refusal.model_dump(mode="json", exclude_none=True)]
+    return document
+
+
+@dataclass(frozen=True)
+class _Row:
+    """An event or an audit entry, as `events` shows it."""
+
+    time: datetime
+    type: str
+    reason: str
+    stack: str
+    message: str
+
+
+def _audit_rows(session: Session, key: StackKey | None, limit: int) -> list[_Row]:
+    """The audit log's entries about `key` (every one, without) as rows, to the second as
+    events are."""
+    entries = audit.AuditLog.of(session.store.state_dir).entries(key)[-limit:] if limit > 0 else []
+    return [
+        _Row(
+            e.time.replace(microsecond=0),
+            "Warning" if e.outcome in (audit.REFUSED, audit.FAILED) else "Normal",
+            "Audit",
+            str(e.key) if e.key else (f"{e.kind.lower()}/{e.name}" if e.name else e.source),
+            e.describe(),
+        )
+        for e in entries
+    ]
+
+
 def _print_events(
     session: Session, key: StackKey | None, limit: int, now: datetime, indent: str = ""
 ) -> None:
-    events = session.store.events(key, limit=limit)
+    # The audit entries first: at equal seconds an entry comes before what it caused.
+    rows = _audit_rows(session, key, limit) + [
+        _Row(e.time, e.type, e.reason, str(e.key), e.message)
+        for e in session.store.events(key, limit=limit)
+    ]
+    rows.sort(key=lambda r: r.time)
+    rows = rows[-limit:] if limit > 0 else []
     if indent:
-        print("Events:" + ("" if events else "       <none>"))
-    if not events:
+        print("Events:" + ("" if rows else "       <none>"))
+    if not rows:
         if not indent:
             note("No events found.")
         return
     headers = [f"{indent}AGE", "TYPE", "REASON"] + ([] if key else ["STACK"]) + ["MESSAGE"]
-    rows = [
-        [f"{indent}{age(e.time, now)}", e.type, e.reason]
-        + ([] if key else [str(e.key)])
-        + [e.message]
-        for e in events
-    ]
-    table(headers, rows)
+    table(
+        headers,
+        [
+            [f"{indent}{age(r.time, now)}", r.type, r.reason]
+            + ([] if key else [r.stack])
+            + [r.message]
+            for r in rows
+        ],
+    )
 
 
 def cmd_events(args: argparse.Namespace, session: Session) -> int:

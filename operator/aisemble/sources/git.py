@@ -225,6 +225,13 @@ class Mirror:
             (name, data) for (name, _), data in zip(wanted, self._blobs(wanted), strict=True)
         ], notes
 
+    def author(self, commit: str) -> str | None:
+        """`Name <email>` of the commit's author, as the commit claims it (git does not
+        check it; a signed commit would); None if it cannot be read."""
+        shown = self._git("show", "-s", "--format=%an <%ae>", commit, "--", check=False)
+        text = shown.stdout.decode(errors="replace").strip()
+        return text if shown.returncode == 0 and text else None
+
     def _blobs(self, wanted: list[tuple[str, str]]) -> list[bytes]:
         if not wanted:
             return []
@@ -327,6 +334,7 @@ class GitSource(FileSource):
         self.mirror = Mirror(spec.url, store.state_dir / "git" / f"{slug}-{digest}.git", timeout)
         self._next_poll = 0.0
         self.notes: list[str] = []
+        self._authors: dict[str, str | None] = {}
 
     def due(self) -> bool:
         return time.monotonic() >= self._next_poll
@@ -370,6 +378,13 @@ class GitSource(FileSource):
 
     def describe(self, revision: str) -> str:
         return f"commit {revision[:12]}"
+
+    def author(self, revision: str | None) -> str | None:
+        if revision is None:
+            return None
+        if revision not in self._authors:
+            self._authors = {revision: self.mirror.author(revision)}  # the last one asked
+        return self._authors[revision]
 
 
 __all__ = ["DEFAULT_INTERVAL", "GRAMMAR", "GitSource", "GitSpec", "GitSpecError", "parse_spec"]

@@ -12,7 +12,11 @@ the annotation `aisemble.io/purge-volumes: "true"`, as `delete --purge-volumes`.
 What the passes find goes back into the resource's status subresource
 (`publish`): conditions are merged by type, so conditions other controllers
 wrote stay; phase changes become Kubernetes Events. An invalid resource gets a
-condition and an Event naming the field, and is not retried until it changes.
+condition and an Event naming the field, and is not retried until it changes;
+so does one outside the host's admission policy (`planning.admission`,
+`NotAdmitted`), with every violation. Changes, deletions and refusals go to the
+audit log, with the field manager that last wrote the spec: the operator never
+sees which user made a change.
 
 Several Podman hosts can share one cluster. An operator with `--node-name`
 takes the resources whose `spec.nodeName` is its name, or whose
@@ -38,6 +42,8 @@ import kubernetes
 from aisemble.loading import Document, ManifestError, load_object
 from aisemble.model import AISembleStatus, StackKey
 from aisemble.model.resource import GROUP, KIND, PLURAL, VERSION
+from aisemble.planning.admission import NOT_ADMITTED, NotAdmitted, Policy
+from aisemble.sources import admitting, audit
 from aisemble.sources.store import KUBE_SOURCE, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -46,7 +52,7 @@ PURGE_ANNOTATION = "aisemble.io/purge-volumes"
 COMPONENT = "aisemble"
 # Condition types a pass computes; any other type on the resource is kept as it is.
 OWN_CONDITIONS = {"Ready", "Progressing", "Degraded", "Suspended"}
-# Whether the resource as it stands was taken: False with InvalidSpec or Conflict.
+# Whether the resource as it stands was taken: False with InvalidSpec, NotAdmitted or Conflict.
 ACCEPTED = "Accepted"
 # Annotations other tools keep on a resource, not part of what the user asked for.
 BOOKKEEPING = ("kopf.zalando.org/", "kubectl.kubernetes.io/last-applied-configuration")
@@ -100,10 +106,17 @@ class KubeSource:
         resync: float = 30.0,
         peering: str | None = None,
         priority: int = 0,
+        admission: Policy | None = None,
     ) -> None:
         """`on_change(key)`: the stored stack changed, a pass is due. `on_delete(key)`: the
-        stack is marked deleted; returns whether its teardown has finished."""
+        stack is marked deleted; returns whether its teardown has finished. `admission`:
+        the policy resources are held to (default: the one `aisemble run` recorded in the
+        state directory, or else the default policy)."""
         self.store = store
+        self.admission = admission or admitting.load(store.state_dir) or Policy()
+        self.audit = audit.AuditLog.of(store.state_dir)
+        # What was last refused per stack, so a refusal kopf retries is audited once.
+        self._refused: dict[StackKey, tuple[object, str, str]] = {}
         self.placement = placement
         self.on_change = on_change
         self.on_delete = on_delete
@@ -173,23 +186,65 @@ class KubeSource:
     def _changed(self, body: kopf.Body, **_: Any) -> None:
         try:
             self._store(body)
+        except NotAdmitted as exc:
+            self._refuse(body, NOT_ADMITTED, str(exc))
+            self._audit_refusal(body, NOT_ADMITTED, "; ".join(map(str, exc.violations)))
+            raise kopf.PermanentError(f"not admitted: {exc}") from None
         except ManifestError as exc:
             self._refuse(body, "InvalidSpec", str(exc))
+            self._audit_refusal(
+                body, "InvalidSpec", audit.field_paths([p.path for p in exc.problems])
+            )
             raise kopf.PermanentError(f"invalid: {exc}") from None
         except StoreError as exc:
             self._refuse(body, "Conflict", str(exc))
+            self._audit_refusal(body, "Conflict", str(exc))
             raise kopf.TemporaryError(f"conflict: {exc}", delay=30) from None
+        self._refused.pop(_key(body), None)
         self._accept(body)
 
     def _store(self, body: kopf.Body) -> None:
+        """Store the resource. Raises ManifestError, NotAdmitted or StoreError."""
         key = _key(body)
         resource = load_object(self._without_bookkeeping(body), f"kube:{key}")
+        self.admission.admit(KUBE_SOURCE, resource)
         document = Document(f"kube:{key}", 1, 0, resource)
         changes = self.store.apply([document], source=KUBE_SOURCE, keep_generation=True)
         for change in changes:
             if change.verb != "unchanged":
                 log.info("%s (from Kubernetes)", change)
+                self.audit.record(
+                    audit.APPLY,
+                    audit.APPLIED,
+                    KUBE_SOURCE,
+                    self._who(body),
+                    key,
+                    generation=resource.metadata.generation,
+                    change=change.verb,
+                )
                 self.on_change(key)
+
+    def _audit_refusal(self, body: kopf.Body, reason: str, message: str) -> None:
+        """Record a refusal, once per generation and reason (kopf retries conflicts)."""
+        key = _key(body)
+        seen = (body.get("metadata", {}).get("generation"), reason, message)
+        if self._refused.get(key) == seen:
+            return
+        self._refused[key] = seen
+        self.audit.record(
+            audit.APPLY,
+            audit.REFUSED,
+            KUBE_SOURCE,
+            self._who(body),
+            key,
+            generation=seen[0],
+            reason=reason,
+            message=message,
+        )
+
+    @staticmethod
+    def _who(body: Mapping[str, Any]) -> dict[str, Any]:
+        return audit.source_who(KUBE_SOURCE, manager=audit.kube_manager(body.get("metadata") or {}))
 
     def _without_bookkeeping(self, body: kopf.Body) -> dict[str, Any]:
         """The resource without the annotations tools keep on it (kopf's, kubectl's): they
@@ -204,6 +259,7 @@ class KubeSource:
 
     def _deleted(self, body: kopf.Body, **_: Any) -> None:
         key = _key(body)
+        self._refused.pop(key, None)
         stored = self.store.get(key)
         if stored is None or stored.source != KUBE_SOURCE:
             return  # never stored here, or already torn down and forgotten
@@ -211,6 +267,15 @@ class KubeSource:
             purge = body.metadata.annotations.get(PURGE_ANNOTATION, "") == "true"
             self.store.request_delete([key], purge_volumes=purge, source=KUBE_SOURCE)
             log.info("aisemble %s deleted (from Kubernetes)", key)
+            self.audit.record(
+                audit.DELETE,
+                audit.DELETED,
+                KUBE_SOURCE,
+                self._who(body),
+                key,
+                generation=stored.generation,
+                message="volumes purged" if purge else None,
+            )
         if not self.on_delete(key):
             raise kopf.TemporaryError("the stack's pods are still being removed", delay=5)
 
@@ -221,7 +286,7 @@ class KubeSource:
         """
         try:
             self._store(body)
-        except (ManifestError, StoreError):
+        except (ManifestError, NotAdmitted, StoreError):
             return
         key = _key(body)
         stored = self.store.get(key)
@@ -238,6 +303,15 @@ class KubeSource:
         if stored is not None and stored.source == KUBE_SOURCE and not stored.deleting:
             log.info("aisemble %s is placed on another host now; removing it here", key)
             self.store.request_delete([key], source=KUBE_SOURCE)
+            self.audit.record(
+                audit.DELETE,
+                audit.DELETED,
+                KUBE_SOURCE,
+                self._who(body),
+                key,
+                generation=stored.generation,
+                message="placed on another host now",
+            )
             self.on_change(key)
 
     # -- writing back ----------------------------------------------------------------------

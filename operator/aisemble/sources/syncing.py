@@ -18,6 +18,13 @@ it declared: the stacks it declared stay as they are and the source reports
 the problem, as it does a bad commit, while the rest of the source applies.
 Remove the file to delete them. A stack a sync does delete is logged as a
 warning naming the stack, the source and the file it came from.
+
+A stack outside the host's admission policy (`planning.admission`; by default
+git sources are held to it, directories are not) is not applied: the version
+applied before, if any, stays as it is, and the source reports the stack with
+every violation, located by file, document, field and line, while the rest of
+the source applies. Every change a sync makes, and every refusal, goes to the
+audit log (`sources.audit`), with the commit and its author for git.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from typing import Protocol
 
 from aisemble.loading import Document, ManifestError, Manifests, Skipped
 from aisemble.model import StackKey
+from aisemble.planning.admission import NOT_ADMITTED, NotAdmitted, Policy
+from aisemble.sources import admitting, audit
 from aisemble.sources.store import CONFLICT, Change, SourceSync, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -88,6 +97,10 @@ class FileSource:
         self.store = store
         self.prune = prune
         self.last_error: str | None = None
+        # The admission policy; None: the one the state directory's `aisemble run` recorded
+        # (`aisemble sync` takes none of its own), or the default one if none was.
+        self.admission: Policy | None = None
+        self.audit = audit.AuditLog.of(store.state_dir)
         # Which file declared each stack, at which revision: what this process last applied.
         self._origins: dict[StackKey, str] = {}
         self._origins_at: str | None = None
@@ -116,6 +129,10 @@ class FileSource:
     def describe(self, revision: str) -> str:
         """How a revision reads in messages."""
         return revision
+
+    def author(self, revision: str | None) -> str | None:
+        """Who made `revision` (a git commit's author), for the audit log; None if unknown."""
+        return None
 
     # -- the sync ----------------------------------------------------------------------------
 
@@ -164,11 +181,13 @@ class FileSource:
             log.debug("%s: written to while read; read again once it is quiet", self.id)
             return SyncOutcome(self.id, revision=revision)
         except ManifestError as exc:
+            fields = audit.field_paths([p.path for p in exc.problems])
             return self._fail(
                 f"{where}{len(exc.problems)} problem(s), nothing applied{self._kept(previous)}:"
                 f"\n{exc}",
                 revision,
                 previous,
+                refused=("InvalidSpec", f"{len(exc.problems)} problem(s), {fields}"),
             )
         except SourceError as exc:
             return self._fail(f"{where}{exc} (nothing was changed)", revision, previous)
@@ -176,26 +195,28 @@ class FileSource:
         origins = self.origins(previous.revision if previous else None) if dropped else {}
         void = void_files(manifests, files)
         kept = keep_stacks(dropped, origins, void)
-        documents = manifests.documents + [
-            Document(origins.get(key, self.id), 0, 0, stored.resource)
-            for key in kept
-            if (stored := self.store.get(key)) is not None
-        ]
+        refused = self._admission_refusals(manifests)
+        documents, held = self._documents(manifests, refused, kept, origins)
         try:
             changes = self.store.sync_source(
                 self.id, documents, prune=self.prune, revision=revision
             )
         except StoreError as exc:
             return self._fail(
-                f"{where}nothing applied{self._kept(previous)}: {exc}", revision, previous
+                f"{where}nothing applied{self._kept(previous)}: {exc}",
+                revision,
+                previous,
+                refused=("Conflict", str(exc)),
             )
         self._origins_at = revision
         self._origins = {d.key: d.source for d in manifests.documents}
         self._origins.update((key, origins[key]) for key in kept if key in origins)
         self._report(changes, previous, revision, origins)
-        problem = None
-        if kept:
-            problem = "\n".join(where + line for line in kept_message(kept, origins, void))
+        self._report_refusals(refused, previous, revision)
+        notes = [where + line for line in kept_message(kept, origins, void)] if kept else []
+        notes += admitting.refusal_lines(refused, held, where)
+        problem = "\n".join(notes) or None
+        if problem is not None:
             if problem != self.last_error:
                 log.warning("%s: %s", self.id, problem)
             self.store.record_sync_check(self.id, self.prune, problem, revision)
@@ -207,6 +228,29 @@ class FileSource:
             for s in manifests.secrets
         ]
         return SyncOutcome(self.id, changes, skipped, revision=revision, error=problem)
+
+    def _documents(
+        self,
+        manifests: Manifests,
+        refused: list[tuple[Document, NotAdmitted]],
+        kept: list[StackKey],
+        origins: Mapping[StackKey, str],
+    ) -> tuple[list[Document], set[StackKey]]:
+        """What the sync applies: the documents the policy admits, and, as they are stored,
+        the stacks kept (see keep_stacks) and the refused stacks applied from here before
+        (the refused ones among these: `held`)."""
+        refused_keys = {doc.key for doc, _ in refused}
+        documents = [d for d in manifests.documents if d.key not in refused_keys]
+        held: set[StackKey] = set()
+        stay = [(key, origins.get(key, self.id)) for key in kept]
+        stay += [(doc.key, doc.source) for doc, _ in refused]
+        for key, origin in stay:
+            stored = self.store.get(key)
+            if stored is not None and stored.source == self.id and not stored.deleting:
+                documents.append(Document(origin, 0, 0, stored.resource))
+                if key in refused_keys:
+                    held.add(key)
+        return documents, held
 
     def _dropped(self, manifests: Manifests) -> set[StackKey]:
         """The stacks of this source the sync would delete: no file declares them now."""
@@ -221,9 +265,47 @@ class FileSource:
             return ""
         return f" ({self.describe(previous.revision)} stays applied)"
 
-    def _fail(self, message: str, revision: str | None, previous: SourceSync | None) -> SyncOutcome:
+    def _policy(self) -> Policy:
+        """The policy given, else the one `aisemble run` recorded, else the default one:
+        a git source no loop has run for yet (`aisemble sync` alone) is governed too."""
+        if self.admission is not None:
+            return self.admission
+        return admitting.load(self.store.state_dir) or Policy()
+
+    def _admission_refusals(self, manifests: Manifests) -> list[tuple[Document, NotAdmitted]]:
+        """The documents the admission policy refuses, each with why."""
+        policy = self._policy()
+        if not policy.governs(self.id):
+            return []
+        refused = []
+        for doc in manifests.documents:
+            try:
+                policy.admit(self.id, doc.resource)
+            except NotAdmitted as exc:
+                refused.append((doc, exc))
+        return refused
+
+    def _fail(
+        self,
+        message: str,
+        revision: str | None,
+        previous: SourceSync | None,
+        refused: tuple[str, str] | None = None,
+    ) -> SyncOutcome:
+        """Nothing applied: record why. `refused`: (reason, what for the audit log), when
+        the input itself was refused (not when the source could not be read)."""
         if message != self.last_error:
             log.error("%s: %s", self.id, message)
+            if refused is not None:
+                self.audit.record(
+                    audit.SYNC,
+                    audit.REFUSED,
+                    self.id,
+                    self._who(revision),
+                    revision=revision,
+                    reason=refused[0],
+                    message=f"nothing applied: {refused[1]}",
+                )
         self.last_error = message
         self.store.record_sync_check(self.id, self.prune, message, revision)
         return SyncOutcome(self.id, error=message, revision=revision)
@@ -239,7 +321,11 @@ class FileSource:
         A whole stack deleted is a warning, naming the file it came from."""
         before = {c.key: c for c in previous.results} if previous else {}
         at = f" at {self.describe(revision)}" if revision else ""
-        for change in changes:
+        told = [c for c in changes if c.verb in APPLIED or c.verb == CONFLICT]
+        who = self._who(revision) if told else {}
+        for change in told:
+            stored = self.store.get(change.key)
+            generation = stored.generation if stored is not None else None
             if change.verb == "deleted":
                 origin = origins.get(change.key)
                 why = "no file declares it now" + (f" (it came from {origin})" if origin else "")
@@ -247,9 +333,29 @@ class FileSource:
                 self.store.record_event(
                     change.key, "Synced", f"deleted by {self.id}{at}: {why}", type_="Warning"
                 )
+                self.audit.record(
+                    audit.DELETE,
+                    audit.DELETED,
+                    self.id,
+                    who,
+                    change.key,
+                    generation=generation,
+                    revision=revision,
+                    message=why,
+                )
             elif change.verb in APPLIED:
                 log.info("%s (from %s%s)", change, self.id, at)
                 self.store.record_event(change.key, "Synced", f"{change.verb} by {self.id}{at}")
+                self.audit.record(
+                    audit.APPLY,
+                    audit.APPLIED,
+                    self.id,
+                    who,
+                    change.key,
+                    generation=generation,
+                    revision=revision,
+                    change=change.verb,
+                )
             elif change.verb == CONFLICT and before.get(change.key) != change:
                 log.warning("%s: %s is not applied: %s", self.id, change.key, change.message)
                 self.store.record_event(
@@ -258,6 +364,50 @@ class FileSource:
                     f"{self.id} declares it too; not applied from there: {change.message}",
                     type_="Warning",
                 )
+                self.audit.record(
+                    audit.APPLY,
+                    audit.REFUSED,
+                    self.id,
+                    who,
+                    change.key,
+                    revision=revision,
+                    reason="Conflict",
+                    message=change.message,
+                )
+
+    def _report_refusals(
+        self,
+        refused: list[tuple[Document, NotAdmitted]],
+        previous: SourceSync | None,
+        revision: str | None,
+    ) -> None:
+        """An event and an audit entry for each refusal, once: not again for the same
+        revision and the same violations (a revision is read again while it has conflicts)."""
+        same_revision = previous is not None and previous.revision == revision
+        for doc, exc in refused:
+            lines = admitting.violation_lines(doc, exc)
+            if same_revision and admitting.not_admitted(previous, doc.key) == lines:
+                continue
+            log.warning("%s: %s is not admitted:\n%s", self.id, doc.key, "\n".join(lines))
+            self.store.record_event(
+                doc.key,
+                NOT_ADMITTED,
+                f"not applied from {self.id}: {'; '.join(lines)}",
+                type_="Warning",
+            )
+            self.audit.record(
+                audit.APPLY,
+                audit.REFUSED,
+                self.id,
+                self._who(revision),
+                doc.key,
+                revision=revision,
+                reason=NOT_ADMITTED,
+                message="; ".join(str(v) for v in exc.violations),
+            )
+
+    def _who(self, revision: str | None) -> dict:
+        return audit.source_who(self.id, author=self.author(revision))
 
 
 def void_files(manifests: Manifests, files: Iterable[str]) -> list[str]:
