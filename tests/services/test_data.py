@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aisemble.services.common.settings import SettingsError, env_settings
-from aisemble.services.data import expressions, runner
+from aisemble.services.data import expressions, runner, schemas
 from aisemble.services.data.app import create
 from aisemble.services.data.expressions import ExpressionError
 from aisemble.services.data.settings import DataSettings
@@ -645,6 +646,15 @@ def test_an_unreadable_file_is_a_400(client: TestClient, root: Path) -> None:
             ["body", "operations", 1, "group", "aggregations", 0],
         ),
         ([], ["body", "operations"]),
+        # Strict: pydantic alone took "5" for 5; the schema says integer.
+        ([read(), {"op": "limit", "n": "5"}], ["body", "operations", 1, "limit", "n"]),
+        # `name` was taken for `as`; the schema names only `as`.
+        ([read(name="x")], ["body", "operations", 0, "read", "name"]),
+        # Compressed output, however the path ends.
+        (
+            [read(), {"op": "write", "path": "out.csv.gz/"}],
+            ["body", "operations", 1, "write"],
+        ),
     ],
 )
 def test_malformed_lists_are_422_naming_the_field(
@@ -653,6 +663,35 @@ def test_malformed_lists_are_422_naming_the_field(
     response = process(client, *operations)
     assert response.status_code == 422, response.text
     assert [e["loc"] for e in response.json()["detail"]] == [loc]
+
+
+def test_whole_floats_are_integers_as_in_json_schema(client: TestClient) -> None:
+    assert len(ok(client, read(), {"op": "limit", "n": 2.0}, preview_rows=3.0)["rows"]) == 2
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(alphabet="ab./CSVjsonlndpqugzZ4", max_size=12))
+def test_the_published_extension_pattern_is_what_format_of_reads(path: str) -> None:
+    # The schema says when a path needs no format; the model must agree exactly
+    # (a file named `.csv` was no csv to the model, but was to the schema).
+    assert (schemas.format_of(path) is not None) == bool(re.search(schemas.KNOWN_EXTENSION, path))
+
+
+def test_the_schema_says_what_is_accepted(root: Path) -> None:
+    document = create(DataSettings(root=root, max_preview_rows=50)).openapi()
+    models = document["components"]["schemas"]
+    preview = models["ProcessRequest"]["properties"]["preview_rows"]
+    assert preview["maximum"] == 50
+    assert models["ProcessRequest"]["examples"]
+    for step in ("Read", "Write"):
+        rules = models[step]["anyOf"]
+        assert rules[0]["required"] == ["format"]
+        assert rules[1]["properties"]["path"]["pattern"] == schemas.KNOWN_EXTENSION
+    assert models["Write"]["not"]["properties"]["path"]["pattern"] == schemas.COMPRESSED
+    assert models["Aggregation"]["else"]["required"] == ["column"]
+    assert models["Select"]["properties"]["columns"]["uniqueItems"] is True
+    assert models["Group"]["properties"]["by"]["uniqueItems"] is True
+    assert models["Join"]["properties"]["on"]["uniqueItems"] is True
 
 
 # The API around the runs

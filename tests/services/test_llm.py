@@ -469,6 +469,17 @@ def test_unknown_model_is_404_in_openai_shape(client: TestClient) -> None:
         ({"prompt": []}, "prompt"),
         ({"prompt": "hi", "echo": True}, "echo"),
         ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+        # Strict: a value only of the type the schema names, as schemathesis found 0 taken for false.
+        ({"prompt": "hi", "echo": 0}, "echo"),
+        ({"prompt": "hi", "stream_options": {"include_usage": 0}}, "stream_options"),
+        ({"prompt": "hi", "temperature": "0.5"}, "temperature"),
+        ({"prompt": "hi", "n": True}, "n"),
+        # Values that failed inside generation (500) before they were bounded.
+        ({"prompt": "hi", "seed": 2**64}, "seed"),
+        ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "hi", "top_k": -2}, "top_k"),
+        ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "hi", "frequency_penalty": -3}, "frequency_penalty"),
     ],
 )
 def test_bad_body_is_422_naming_the_field(
@@ -495,6 +506,78 @@ def test_limits_are_400_with_a_reason(client: TestClient, engine: Engine) -> Non
     too_long = client.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 1})
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_whole_floats_are_integers_as_in_json_schema(client: TestClient) -> None:
+    # Strict validation must not refuse what the schema's "integer" admits.
+    body = complete(client, max_tokens=3.0, n=1.0, best_of=1.0, logprobs=0.0, seed=2.0)
+    assert body["usage"]["completion_tokens"] <= 3
+
+
+def test_max_tokens_is_bounded_under_either_name(client: TestClient) -> None:
+    messages = [{"role": "user", "content": "x"}]
+    for body in ({"max_tokens": 513, "max_completion_tokens": 2}, {"max_completion_tokens": 513}):
+        response = client.post("/v1/chat/completions", json={"messages": messages, **body})
+        assert response.status_code == 400, body
+        assert response.json()["error"]["param"] in body
+
+
+def test_a_body_that_is_not_utf8_is_an_openai_400(client: TestClient) -> None:
+    response = client.post(
+        "/v1/completions", content=b"\xff\xfe{", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-300}, {"top_p": 5e-324}])
+def test_tiny_temperature_and_top_p_sample_the_likeliest_token(
+    client: TestClient, sampling: dict[str, float]
+) -> None:
+    # Both once made the probabilities NaN or all zero, and generation failed with a 500.
+    greedy = complete(client, max_tokens=6, temperature=0)["choices"][0]["text"]
+    body = complete(client, max_tokens=6, **{"temperature": 1.0, **sampling})
+    assert body["choices"][0]["text"] == greedy
+
+
+def test_top_k_one_is_greedy_and_penalties_are_accepted(client: TestClient) -> None:
+    greedy = complete(client, max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert complete(client, max_tokens=8, top_k=1, seed=3)["choices"][0]["text"] == greedy
+    wide = complete(client, max_tokens=8, top_k=-1, presence_penalty=1, frequency_penalty=-1)
+    assert wide["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_the_schema_says_what_is_accepted(model_path: Path) -> None:
+    app = create(LLMSettings(model_path=model_path, max_new_tokens_limit=100, max_queue=7))
+    document = app.openapi()
+    schemas = document["components"]["schemas"]
+    completion = schemas["CompletionRequest"]["properties"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    # This deployment's limits, so a client need not learn them from a 400.
+    assert completion["max_tokens"]["maximum"] == 100
+    assert chat["max_tokens"]["maximum"] == chat["max_completion_tokens"]["maximum"] == 100
+    assert completion["prompt"]["maxItems"] == 7
+    assert completion["prompt"]["anyOf"][1]["minItems"] == 1
+    # What OpenAI has and this service does not do: only the values that ask for nothing.
+    assert completion["n"]["enum"] == [1, None]
+    assert completion["best_of"]["enum"] == [1, None]
+    assert completion["echo"]["enum"] == [False, None]
+    assert completion["suffix"]["enum"] == ["", None]
+    assert chat["logprobs"]["enum"] == [False, 0, None]
+    assert completion["seed"]["anyOf"][0] == {
+        "type": "integer",
+        "minimum": -(2**53 - 1),
+        "maximum": 2**53 - 1,
+    }
+    # Streams are documented as the events they are.
+    for path, chunk in (
+        ("/v1/completions", "Completion"),
+        ("/v1/chat/completions", "ChatCompletionChunk"),
+    ):
+        content = document["paths"][path]["post"]["responses"]["200"]["content"]
+        event = content["text/event-stream"]["schema"]["properties"]["data"]
+        assert event["else"]["contentSchema"]["anyOf"][0]["$ref"].endswith(f"/{chunk}")
+    assert "ChatChunkChoice" in schemas and "ChatDelta" in schemas
 
 
 # -- the official client -------------------------------------------------------

@@ -16,6 +16,7 @@ from vision_nlp_fixtures import wait_until_settled
 
 from aisemble.services.nlp.app import create
 from aisemble.services.nlp.engine import NlpEngine, default_model_path
+from aisemble.services.nlp.schemas import VISIBLE_PATTERN
 from aisemble.services.nlp.settings import NlpSettings
 
 MODEL = "all-MiniLM-L6-v2"
@@ -294,6 +295,66 @@ def test_empty_similarity_input_gets_422(client: TestClient) -> None:
     assert client.post("/similarity", json={"a": [], "b": "x"}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        # pydantic alone took "384" for 384 (and false for 0): the schema says integer.
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": "384"}),
+        ("/analyze", {"text": 5}),
+        ("/similarity", {"a": "x", "b": [True]}),
+    ],
+)
+def test_values_of_another_json_type_get_422(client: TestClient, route: str, body: dict) -> None:
+    assert client.post(route, json=body).status_code == 422
+
+
+def test_whole_floats_are_integers_as_in_json_schema(client: TestClient) -> None:
+    body = {"model": MODEL, "input": "x", "dimensions": 384.0}
+    assert client.post("/v1/embeddings", json=body).status_code == 200
+
+
+def test_texts_of_unicode_spaces_only_are_empty(client: TestClient) -> None:
+    response = client.post("/analyze", json={"texts": ["ok", "\u2003\x1c"]})
+    assert "texts[1] is empty" in response.json()["detail"][0]["msg"]
+
+
+def test_a_body_that_is_not_utf8_is_a_400_in_each_routes_shape(client: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    openai_400 = client.post("/v1/embeddings", content=b"\xff{", headers=headers)
+    native_400 = client.post("/analyze", content=b"\xff{", headers=headers)
+    assert openai_400.status_code == native_400.status_code == 400
+    assert openai_400.json()["error"]["type"] == "invalid_request_error"
+    assert native_400.json()["detail"]
+
+
+def test_the_schema_says_what_is_accepted(engine: NlpEngine) -> None:
+    settings = NlpSettings(max_texts=7, max_chars=30, max_labels=3)
+    document = create(settings, engine).openapi()
+    schemas = document["components"]["schemas"]
+    analyze = schemas["AnalyzeRequest"]
+    text = analyze["properties"]["text"]["anyOf"][0]
+    texts = analyze["properties"]["texts"]["anyOf"][0]
+    labels = analyze["properties"]["labels"]["anyOf"][0]
+    assert (text["minLength"], text["maxLength"], text["pattern"]) == (1, 30, VISIBLE_PATTERN)
+    assert (texts["minItems"], texts["maxItems"], labels["maxItems"]) == (1, 7, 3)
+    # The rules the request model checks across fields.
+    assert [set(branch["required"]) for branch in analyze["oneOf"]] == [{"text"}, {"texts"}]
+    needs = {
+        rule["if"]["properties"]["tasks"]["contains"]["const"]: rule["then"]["required"]
+        for rule in analyze["allOf"]
+    }
+    assert needs == {"classify": ["labels"], "similarity": ["reference"]}
+    # Token arrays are not offered, and every status the routes answer is documented.
+    embeddings = schemas["EmbeddingsRequest"]["properties"]["input"]["anyOf"]
+    assert [branch["type"] for branch in embeddings] == ["string", "array"]
+    assert embeddings[1]["items"]["type"] == "string"
+    paths = document["paths"]
+    assert {"400", "404", "422", "503"} <= set(paths["/v1/embeddings"]["post"]["responses"])
+    assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
+    for route in ("/analyze", "/similarity"):
+        assert {"400", "422", "503"} <= set(paths[route]["post"]["responses"])
+
+
 def test_limits_on_count_and_length_are_clear(engine: NlpEngine) -> None:
     settings = NlpSettings(max_texts=3, max_chars=50, max_labels=2)
     with TestClient(create(settings, engine)) as client:
@@ -301,14 +362,17 @@ def test_limits_on_count_and_length_are_clear(engine: NlpEngine) -> None:
         many = client.post("/analyze", json={"texts": ["a", "b", "c", "d"]})
         long = client.post("/v1/embeddings", json={"model": MODEL, "input": ["x" * 51]})
         labels = client.post("/analyze", json={"text": "a", "labels": ["x", "y", "z"]})
-        together = client.post("/similarity", json={"a": ["a", "b"], "b": ["c", "d"]})
+        both = client.post("/similarity", json={"a": ["a", "b", "c"], "b": ["d", "e", "f"]})
+        side = client.post("/similarity", json={"a": ["a", "b", "c", "d"], "b": "e"})
 
     assert many.status_code == 422
-    assert "at most 3 per request" in many.json()["detail"][0]["msg"]
+    assert "at most 3 per field" in many.json()["detail"][0]["msg"]
     assert long.status_code == 422
     assert "51 characters, more than the limit of 50" in long.json()["error"]["message"]
     assert "at most 2 labels" in labels.json()["detail"][0]["msg"]
-    assert together.status_code == 422
+    # Each field on its own, as the published schema can say (not all fields together).
+    assert both.status_code == 200
+    assert side.status_code == 422 and "at most 3 per field" in side.json()["detail"][0]["msg"]
 
 
 def test_metrics_count_embedded_texts(client: TestClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import threading
 import zlib
@@ -12,11 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import ExifTags, Image
-from vision_nlp_fixtures import encode, wait_until_settled
+from vision_nlp_fixtures import encode, save_tiny_vit, wait_until_settled
 
 from aisemble.services.vision.app import create
 from aisemble.services.vision.engine import VisionEngine
+from aisemble.services.vision.schemas import BASE64_PATTERN
 from aisemble.services.vision.settings import VisionSettings
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -31,24 +35,7 @@ def client() -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ViT with random weights and labels of its own, saved as a real model directory."""
-    from transformers import ViTConfig, ViTForImageClassification
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    path = tmp_path_factory.mktemp("vit")
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        id2label=LABELS,
-        label2id={name: index for index, name in LABELS.items()},
-    )
-    ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("vit"), LABELS)
 
 
 def two_colours(size: tuple[int, int] = (100, 40), split: int = 75) -> Image.Image:
@@ -234,6 +221,64 @@ def test_a_truncated_image_gets_422(client: TestClient) -> None:
 def test_multipart_without_an_image_field_gets_422(client: TestClient) -> None:
     response = client.post("/analyze", files={"picture": ("x.png", b"abc", "image/png")})
     assert "no `image` field" in _message(response)
+
+
+def test_multipart_options_are_read_as_the_schema_types_them(client: TestClient) -> None:
+    png = {"image": ("x.png", encode(two_colours(), "PNG"), "image/png")}
+    accepted = client.post("/analyze", files=png, data={"classify": "false", "top_k": "3"})
+    assert accepted.status_code == 200, accepted.text
+    # pydantic alone took "0" and "yes" for booleans: the schema says true or false.
+    for options in ({"classify": "0"}, {"classify": "yes"}, {"top_k": "3.5"}, {"top_k": "0"}):
+        response = client.post("/analyze", files=png, data=options)
+        assert response.status_code == 422, options
+        assert response.json()["detail"][0]["loc"] == ["body", next(iter(options))]
+
+
+def test_a_multipart_field_the_schema_does_not_name_gets_422(client: TestClient) -> None:
+    png = {"image": ("x.png", encode(two_colours(), "PNG"), "image/png")}
+    response = client.post("/analyze", files=png, data={"colour": "5"})
+    assert "no such field" in _message(response)
+    # So many fields that Starlette's parser gives up: a 422 too, not its bare 400.
+    many = {f"f{i}": "1" for i in range(6)}
+    assert "cannot be read" in _message(client.post("/analyze", files=png, data=many))
+
+
+def test_json_options_are_strict_but_whole_floats_are_integers(client: TestClient) -> None:
+    data = encode(two_colours(), "PNG")
+    assert client.post("/analyze", json=as_json(data, top_k=3.0)).status_code == 200
+    for options in ({"classify": 0}, {"top_k": "3"}, {"colours": True}):
+        response = client.post("/analyze", json=as_json(data, **options))
+        assert response.status_code == 422, options
+
+
+def test_a_json_body_that_is_not_utf8_gets_422(client: TestClient) -> None:
+    # Its error once echoed the raw bytes, which JSON cannot carry: a 500.
+    response = client.post(
+        "/analyze", content=b"\x80", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(alphabet="QUJD+/= \t\r\n\x0b\x1c\u2003data:;,", max_size=14))
+def test_the_published_base64_pattern_is_what_decodes(text: str) -> None:
+    with TestClient(create(VisionSettings())) as client:
+        response = client.post("/analyze", json={"image": text or "=", "classify": False})
+    assert response.status_code == 422  # no picture is that small
+    (error,) = response.json()["detail"]
+    decodes = "not valid base64" not in error["msg"]
+    assert decodes == bool(re.search(BASE64_PATTERN, text or "=")), error
+
+
+def test_the_schema_says_what_is_accepted(client: TestClient) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/analyze"]["post"]
+    upload = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["top_k"]["minimum"] == 1
+    assert upload["properties"]["colours"]["maximum"] == 32
+    assert upload["additionalProperties"] is False
+    image = operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert image["image"]["pattern"] == BASE64_PATTERN
+    assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
 
 
 def test_out_of_range_options_get_422(client: TestClient) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -47,4 +48,19 @@ def create(settings: DataSettings | None = None) -> FastAPI:
     app.state.processor = Processor(settings, app.state.metrics.registry)
     app.include_router(api.router)
     app.add_exception_handler(OperationError, api.operation_error)
+    _publish_limits(app, settings)
     return app
+
+
+def _publish_limits(app: FastAPI, settings: DataSettings) -> None:
+    """State this deployment's preview limit in its OpenAPI document, so a client knows it
+    before sending, not from a 422."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            request = build()["components"]["schemas"]["ProcessRequest"]
+            request["properties"]["preview_rows"]["maximum"] = settings.max_preview_rows
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

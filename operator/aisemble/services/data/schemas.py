@@ -5,14 +5,27 @@ the pandas and the Spark engine can run the same list to the same result. The
 models check everything that can be checked without the data (shapes, names,
 expression syntax: 422 naming the field, e.g. `operations.2.filter.where`);
 what needs the data (columns, kinds, frames) is checked when running (400).
+
+Requests validate strictly (a JSON value only of the type the schema names),
+and the rules the models check beyond types are written into the schema
+wherever JSON Schema can say them (a format or a known extension, distinct
+names, a column for every aggregation but count); expression syntax and rules
+across fields (sort flags per column, distinct result columns) it cannot.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from aisemble.services.data.expressions import parse
 from aisemble.services.data.settings import EngineChoice
@@ -31,6 +44,19 @@ EXTENSIONS: dict[str, Format] = {
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4", ".snappy")
 
 
+def _any_case(suffixes: Any) -> str:
+    """A regex for any of the suffixes in any letter case, without the flags JSON Schema lacks."""
+    return "|".join(
+        "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in suffix)
+        for suffix in suffixes
+    )
+
+
+# The paths format_of knows, and those Write refuses, as the schema says them.
+KNOWN_EXTENSION = f"({_any_case(EXTENSIONS)})({_any_case(COMPRESSIONS)})?/*$"
+COMPRESSED = f"({_any_case(COMPRESSIONS)})/*$"
+
+
 class DataError(Exception):
     """A problem with the operations or the data that the caller must fix (400)."""
 
@@ -40,24 +66,48 @@ def _expression(text: str) -> str:
     return text
 
 
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 Expression = Annotated[str, AfterValidator(_expression)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
+# With strict validation, makes an int field JSON Schema's integer: 3 and 3.0, never true
+# or "3". Bounds go before it in the Annotated, or pydantic writes them as `ge` in the schema.
+WHOLE = BeforeValidator(_whole_number)
+_UNIQUE = {"uniqueItems": True}
 
 
 def format_of(path: str) -> Format | None:
-    """The format a path's extension names (ignoring a compression suffix), if any."""
-    suffixes = [s.lower() for s in PurePosixPath(path.rstrip("/")).suffixes]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        suffixes.pop()
-    return EXTENSIONS.get(suffixes[-1]) if suffixes else None
+    """The format a path's extension names (ignoring a compression suffix and trailing
+    slashes), if any: the paths KNOWN_EXTENSION matches."""
+    name = path.rstrip("/").lower()
+    for compression in COMPRESSIONS:
+        if name.endswith(compression):
+            name = name.removesuffix(compression)
+            break
+    return next((fmt for suffix, fmt in EXTENSIONS.items() if name.endswith(suffix)), None)
+
+
+def _format_or_extension(**more: Any) -> dict[str, Any]:
+    """JSON Schema for "a format is named, or the path's extension names one"."""
+    return {
+        "anyOf": [
+            {"required": ["format"], "properties": {"format": {"type": "string"}}},
+            {"properties": {"path": {"pattern": KNOWN_EXTENSION}}},
+        ],
+        **more,
+    }
 
 
 class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Read(_Step):
     """Read a file (or a directory of part files, as Spark writes) into a named frame, which becomes the current one."""
+
+    model_config = ConfigDict(json_schema_extra=_format_or_extension())
 
     op: Literal["read"] = Field(description="The kind of step.")
     path: str = Field(min_length=1, description="Relative to the data root.")
@@ -89,7 +139,9 @@ class Select(_Step):
     """Keep these columns, in this order."""
 
     op: Literal["select"] = Field(description="The kind of step.")
-    columns: list[Name] = Field(min_length=1, description="Columns of the current frame.")
+    columns: list[Name] = Field(
+        min_length=1, description="Columns of the current frame.", json_schema_extra=_UNIQUE
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Select:
@@ -121,6 +173,13 @@ AggregateFunction = Literal["sum", "mean", "min", "max", "count", "nunique"]
 class Aggregation(_Step):
     """One aggregated column of a `group`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"func": {"const": "count"}}},
+            "else": {"required": ["column"], "properties": {"column": {"type": "string"}}},
+        }
+    )
+
     column: Name | None = Field(
         None,
         description="The column aggregated. Only `count` may leave it out, to count rows.",
@@ -149,7 +208,8 @@ class Group(_Step):
     op: Literal["group"] = Field(description="The kind of step.")
     by: list[Name] = Field(
         description="Key columns; null is a key like any other. Empty: aggregate the "
-        "whole frame into one row. Groups come in no particular order: sort after."
+        "whole frame into one row. Groups come in no particular order: sort after.",
+        json_schema_extra=_UNIQUE,
     )
     aggregations: list[Aggregation] = Field(min_length=1, description="The result columns.")
 
@@ -170,7 +230,9 @@ class Join(_Step):
 
     op: Literal["join"] = Field(description="The kind of step.")
     frame: Name = Field(alias="with", description="The name given to a `read` with `as`.")
-    on: list[Name] = Field(min_length=1, description="Key columns present in both frames.")
+    on: list[Name] = Field(
+        min_length=1, description="Key columns present in both frames.", json_schema_extra=_UNIQUE
+    )
     how: Literal["inner", "left", "right", "outer"] = Field(
         "inner", description="Which unmatched rows to keep: none, left, right or both."
     )
@@ -208,11 +270,17 @@ class Limit(_Step):
     """Keep the first n rows (which ones, without a sort before, is up to the engine)."""
 
     op: Literal["limit"] = Field(description="The kind of step.")
-    n: int = Field(ge=0, description="How many rows.")
+    n: Annotated[int, Field(ge=0), WHOLE] = Field(description="How many rows.")
 
 
 class Write(_Step):
     """Write the current frame to one file (replaced if it exists). The frame stays current."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_format_or_extension(
+            **{"not": {"properties": {"path": {"pattern": COMPRESSED}}}}
+        )
+    )
 
     op: Literal["write"] = Field(description="The kind of step.")
     path: str = Field(min_length=1, description="Relative to the data root.")
@@ -222,8 +290,7 @@ class Write(_Step):
 
     @model_validator(mode="after")
     def _format_from_extension(self) -> Write:
-        lowered = self.path.lower()
-        if lowered.endswith(COMPRESSIONS):
+        if self.path.rstrip("/").lower().endswith(COMPRESSIONS):
             raise ValueError(f"'{self.path}': compressed output is not supported")
         if self.format is None:
             self.format = format_of(self.path)
@@ -241,8 +308,28 @@ Operation = Annotated[
 ]
 
 
+_EXAMPLE = {
+    "operations": [
+        {"op": "read", "path": "orders.csv"},
+        {"op": "filter", "where": "amount > 10 and not (product is None)"},
+        {"op": "derive", "column": "total", "expr": "amount * qty"},
+        {
+            "op": "group",
+            "by": ["product"],
+            "aggregations": [{"column": "total", "func": "sum", "as": "revenue"}],
+        },
+        {"op": "sort", "by": ["revenue"], "descending": True},
+        {"op": "limit", "n": 5},
+        {"op": "write", "path": "out/top-products.parquet"},
+    ],
+    "preview_rows": 5,
+}
+
+
 class ProcessRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [_EXAMPLE]}
+    )
 
     operations: list[Operation] = Field(
         min_length=1,
@@ -254,9 +341,8 @@ class ProcessRequest(BaseModel):
         description="pandas, spark, or auto (Spark when the inputs are larger than the "
         "service's auto_spark_bytes). Default: the service's default engine.",
     )
-    preview_rows: int | None = Field(
+    preview_rows: Annotated[int, Field(ge=0), WHOLE] | None = Field(
         None,
-        ge=0,
         description="Rows of the result to return. Default: the service's preview_rows; "
         "at most its max_preview_rows.",
     )

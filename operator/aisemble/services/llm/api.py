@@ -88,6 +88,27 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "Not finished within the request timeout"},
 }
 
+
+def streamed(chunk: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a 200 that is, with `stream: true`, server-sent events: one `chunk` as JSON
+    per event, an `{"error": ...}` one if generation fails, and `[DONE]` at the end."""
+    data = {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": {
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "anyOf": [
+                    {"$ref": f"#/components/schemas/{chunk}"},
+                    {"$ref": "#/components/schemas/ErrorResponse"},
+                ]
+            },
+        },
+    }
+    stream = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"content": {"text/event-stream": {"schema": stream}}}, **ERRORS}
+
+
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
@@ -97,7 +118,7 @@ async def list_models(request: Request, settings: SettingsDep) -> ModelList:
     return ModelList(data=[ModelCard(id=settings.model_name, created=request.app.state.created)])
 
 
-@router.post("/completions", response_model=Completion, responses=ERRORS)
+@router.post("/completions", response_model=Completion, responses=streamed("Completion"))
 async def create_completion(
     body: CompletionRequest, scheduler: SchedulerDep, settings: SettingsDep
 ) -> Any:
@@ -161,11 +182,19 @@ async def create_completion(
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses=streamed("ChatCompletionChunk"),
+)
 async def create_chat_completion(
     body: ChatCompletionRequest, scheduler: SchedulerDep, settings: SettingsDep
 ) -> Any:
     _check_model(body.model, settings)
+    # Both names are checked, as the document bounds both, though one wins.
+    _within_limit(
+        settings, max_tokens=body.max_tokens, max_completion_tokens=body.max_completion_tokens
+    )
     engine = scheduler.engine
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await asyncio.to_thread(engine.encode_chat, messages)
@@ -241,13 +270,7 @@ def _max_tokens(
     param: str,
 ) -> int:
     """The tokens to generate per prompt, within the service's limit and the model's context."""
-    limit = settings.max_new_tokens_limit
-    if requested is not None and requested > limit:
-        raise OpenAIError(
-            400,
-            f"max_tokens is {requested}, but this service generates at most {limit} tokens",
-            param="max_tokens",
-        )
+    _within_limit(settings, max_tokens=requested)
     longest = max(len(p) for p in prompts)
     room = engine.context_length - longest
     if room < 1 or (requested is not None and requested > room):
@@ -258,7 +281,18 @@ def _max_tokens(
             code="context_length_exceeded",
             param=param,
         )
-    return requested if requested is not None else min(default, limit, room)
+    return requested if requested is not None else min(default, settings.max_new_tokens_limit, room)
+
+
+def _within_limit(settings: LLMSettings, **requested: int | None) -> None:
+    limit = settings.max_new_tokens_limit
+    for param, value in requested.items():
+        if value is not None and value > limit:
+            raise OpenAIError(
+                400,
+                f"{param} is {value}, but this service generates at most {limit} tokens",
+                param=param,
+            )
 
 
 def _submit(
@@ -270,6 +304,7 @@ def _submit(
     sampling = Sampling(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
         seed=body.seed,
     )
     requests = [

@@ -16,12 +16,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.constants import REF_TEMPLATE
+from starlette.exceptions import HTTPException
 
 from aisemble.services.common import Readiness, create_app, openai
 from aisemble.services.llm import api
 from aisemble.services.llm import engine as engines
 from aisemble.services.llm.batching import LLMMetrics, Scheduler
+from aisemble.services.llm.schemas import ChatCompletionChunk
 from aisemble.services.llm.settings import LLMSettings, load_settings
 
 log = logging.getLogger("aisemble.services.llm")
@@ -130,4 +134,39 @@ def create(settings: LLMSettings | None = None, engine: Any | None = None) -> Fa
     lifecycle = _Lifecycle(app, settings, LLMMetrics(app.state.metrics.registry))
     app.include_router(api.router)
     openai.install(app)
+    app.add_exception_handler(HTTPException, _openai_400)
+    _complete_openapi(app, settings)
     return app
+
+
+async def _openai_400(request: Request, exc: Exception) -> Response:
+    """FastAPI's bare 400 for a body it cannot decode (not UTF-8), in OpenAI's shape as documented."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 400:
+        return openai.error_response(400, str(exc.detail))
+    return await http_exception_handler(request, exc)
+
+
+def _complete_openapi(app: FastAPI, settings: LLMSettings) -> None:
+    """Add to the OpenAPI document what FastAPI cannot derive: the streamed chunks' schema
+    (routes name it for their event streams), and this deployment's limits, so clients know
+    before sending that a larger max_tokens or more prompts are refused."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schemas = build()["components"]["schemas"]
+            chunk = ChatCompletionChunk.model_json_schema(
+                ref_template=REF_TEMPLATE, mode="serialization"
+            )
+            for name, schema in {**chunk.pop("$defs", {}), "ChatCompletionChunk": chunk}.items():
+                schemas.setdefault(name, schema)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                fields = schemas[name]["properties"]
+                for field in ("max_tokens", "max_completion_tokens"):
+                    if field in fields:
+                        fields[field]["maximum"] = settings.max_new_tokens_limit
+            schemas["CompletionRequest"]["properties"]["prompt"]["maxItems"] = settings.max_queue
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

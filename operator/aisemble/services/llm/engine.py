@@ -41,10 +41,14 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one row picks its tokens. temperature 0 is greedy (no randomness at all)."""
+    """How one row picks its tokens. temperature 0 is greedy (no randomness at all).
+
+    top_k 0 (or below) keeps every token; the API has checked the ranges.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
 
 
@@ -167,8 +171,10 @@ class Engine:
         import torch
 
         # Sampling happens on the CPU with CPU generators, so a seed gives the
-        # same text whatever device the model runs on.
-        logits = batch.logits.float().cpu()
+        # same text whatever device the model runs on. In float64 and from the
+        # best score down, so any temperature the API admits, however close to
+        # 0, gives finite probabilities (float32 turned 1e-300 into 0, then NaN).
+        logits = batch.logits.double().cpu()
         tokens = []
         for row, (sampling, generator) in enumerate(
             zip(batch.samplings, batch.generators, strict=True)
@@ -177,11 +183,16 @@ class Engine:
             if sampling.temperature <= 0:
                 tokens.append(int(scores.argmax()))
                 continue
-            probs = torch.softmax(scores / sampling.temperature, dim=-1)
+            if 0 < sampling.top_k < scores.numel():
+                kth = scores.topk(sampling.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            probs = torch.softmax((scores - scores.max()) / sampling.temperature, dim=-1)
             if sampling.top_p < 1.0:
-                # Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
+                # Nucleus: the smallest set of most likely tokens whose mass reaches top_p;
+                # never empty, however small top_p is.
                 sorted_probs, order = probs.sort(descending=True)
                 outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+                outside[0] = False
                 sorted_probs[outside] = 0.0
                 pick = torch.multinomial(sorted_probs, 1, generator=generator)
                 tokens.append(int(order[pick]))

@@ -13,20 +13,31 @@ import struct
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from aisemble.services.common import ServiceUnavailable
-from aisemble.services.common.openai import ModelCard, ModelList, OpenAIError, error_response
+from aisemble.services.common.openai import (
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    error_response,
+)
 from aisemble.services.nlp import textstats
 from aisemble.services.nlp.engine import Embedded, NlpEngine
 from aisemble.services.nlp.schemas import (
+    VISIBLE,
     AnalyzeRequest,
     AnalyzeResponse,
     Embedding,
@@ -34,6 +45,7 @@ from aisemble.services.nlp.schemas import (
     EmbeddingsResponse,
     LabelScore,
     Language,
+    Message,
     Sentiment,
     SimilarityRequest,
     SimilarityResponse,
@@ -44,6 +56,21 @@ from aisemble.services.nlp.schemas import (
 from aisemble.services.nlp.settings import NlpSettings
 
 router = APIRouter()
+
+# What the routes answer besides 200 and (on the native routes) FastAPI's own 422.
+_NATIVE: dict[int | str, dict[str, Any]] = {
+    400: {"model": Message, "description": "The body is not UTF-8 JSON"},
+    503: {"model": Message, "description": "The model is loading (or failed to); see Retry-After"},
+}
+_OPENAI: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not UTF-8 JSON"},
+    404: {"model": ErrorResponse, "description": "Not the model this service serves"},
+    422: {"model": ErrorResponse, "description": "A malformed request; `param` names the field"},
+    503: {
+        "model": ErrorResponse,
+        "description": "The model is loading (or failed to); see Retry-After",
+    },
+}
 
 
 class NlpMetrics:
@@ -94,7 +121,7 @@ MetricsDep = Annotated[NlpMetrics, Depends(get_metrics)]
 EngineDep = Annotated[NlpEngine, Depends(get_engine)]
 
 
-@router.post("/analyze", response_model=AnalyzeResponse, tags=["nlp"])
+@router.post("/analyze", response_model=AnalyzeResponse, responses=_NATIVE, tags=["nlp"])
 async def analyze(
     body: AnalyzeRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
 ) -> AnalyzeResponse:
@@ -104,21 +131,21 @@ async def analyze(
     if body.labels is not None:
         if len(body.labels) > settings.max_labels:
             raise _invalid("labels", f"at most {settings.max_labels} labels per request")
-        _check_texts(body.labels, settings, "labels", budget=settings.max_texts - len(texts))
+        _check_texts(body.labels, settings, "labels")
     if body.reference is not None:
         _check_texts([body.reference], settings, "reference")
     return await run_in_threadpool(_analyze, engine, metrics, settings, body)
 
 
-@router.post("/similarity", response_model=SimilarityResponse, tags=["nlp"])
+@router.post("/similarity", response_model=SimilarityResponse, responses=_NATIVE, tags=["nlp"])
 async def similarity(
     body: SimilarityRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
 ) -> SimilarityResponse:
     """Cosine similarity of every text in `a` with every text in `b`."""
     a = [body.a] if isinstance(body.a, str) else body.a
     b = [body.b] if isinstance(body.b, str) else body.b
-    _check_texts(a, settings, "a", budget=settings.max_texts - len(b))
-    _check_texts(b, settings, "b", budget=settings.max_texts - len(a))
+    _check_texts(a, settings, "a")
+    _check_texts(b, settings, "b")
 
     def work() -> SimilarityResponse:
         vectors = _embed(engine, metrics, a + b).vectors
@@ -135,25 +162,26 @@ async def list_models(request: Request, settings: SettingsDep) -> ModelList:
     return ModelList(data=[_card(request, settings)])
 
 
-@router.get("/v1/models/{model:path}", response_model=ModelCard, tags=["openai"])
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=ModelCard,
+    responses={404: _OPENAI[404]},
+    tags=["openai"],
+)
 async def get_model(model: str, request: Request, settings: SettingsDep) -> ModelCard:
     _check_model(model, settings)
     return _card(request, settings)
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["openai"])
+@router.post(
+    "/v1/embeddings", response_model=EmbeddingsResponse, responses=_OPENAI, tags=["openai"]
+)
 async def embeddings(
     body: EmbeddingsRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
 ) -> EmbeddingsResponse:
     """OpenAI's embeddings API: `input` is a string or a list of strings."""
     _check_model(body.model, settings)
-    sent = [body.input] if isinstance(body.input, str) else body.input
-    texts = [item for item in sent if isinstance(item, str)]
-    if len(texts) != len(sent):
-        raise _invalid(
-            "input",
-            "token arrays are not supported: this model's tokenizer is not OpenAI's; send text",
-        )
+    texts = [body.input] if isinstance(body.input, str) else body.input
     _check_texts(texts, settings, "input")
     if body.dimensions is not None and body.dimensions != engine.dimensions:
         raise _invalid(
@@ -182,6 +210,14 @@ async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         response.headers.update(headers)
         return response
     return JSONResponse({"detail": exc.detail}, status_code=503, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's bare 400 for a body that is not UTF-8, in OpenAI's shape under /v1."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and request.url.path.startswith("/v1/"):
+        return error_response(400, str(exc.detail))
+    return await http_exception_handler(request, exc)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -261,21 +297,17 @@ def _embed(engine: NlpEngine, metrics: NlpMetrics, texts: list[str]) -> Embedded
     return embedded
 
 
-def _check_texts(
-    texts: Sequence[str], settings: NlpSettings, field: str, budget: int | None = None
-) -> None:
-    """Non-empty texts, within the per-request count and the per-text length."""
-    limit = settings.max_texts if budget is None else budget
+def _check_texts(texts: Sequence[str], settings: NlpSettings, field: str) -> None:
+    """Non-empty texts, at most max_texts in the field (each field on its own, as the
+    schema can say that), each within the per-text length."""
     if not texts:
         raise _invalid(field, "no text given")
-    if len(texts) > limit:
-        raise _invalid(
-            field, f"too many texts: at most {settings.max_texts} per request, all fields together"
-        )
+    if len(texts) > settings.max_texts:
+        raise _invalid(field, f"too many texts: at most {settings.max_texts} per field")
     single = len(texts) == 1
     for index, text in enumerate(texts):
         where = field if single else f"{field}[{index}]"
-        if not text.strip():
+        if not VISIBLE.search(text):
             raise _invalid(field, f"{where} is empty")
         if len(text) > settings.max_chars:
             raise _invalid(

@@ -2,28 +2,90 @@
 
 The `/v1` shapes follow OpenAI's embeddings API field for field, so the
 official client works with only its base URL changed.
+
+Requests validate strictly (a JSON value only of the type the schema names),
+and what the routes check beyond types is written into the schema too
+(`json_schema_extra`): a text has a visible character, a list is not empty,
+`text` and `texts` exclude each other, a task that needs labels or a
+reference requires them. The routes keep their own messages for those rules,
+so the schema states them and the errors still say what to fix.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 Task = Literal["embedding", "sentiment", "classify", "similarity", "stats"]
 SentimentLabel = Literal["positive", "negative", "neutral"]
 
+# A text must have a character that is not whitespace: Python's whitespace (what
+# str.strip removes), spelled out, as `\s` means other sets in Rust's and JSON Schema's
+# regexes. The routes check texts with the same pattern the schema publishes.
+WHITESPACE = "\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+VISIBLE_PATTERN = f"[^{WHITESPACE}]"
+VISIBLE = re.compile(VISIBLE_PATTERN)
 
-class AnalyzeRequest(BaseModel):
-    text: str | None = Field(None, description="One text; or send `texts`.")
-    texts: list[str] | None = Field(None, description="Several texts, analysed alike.")
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1, "pattern": VISIBLE_PATTERN})]
+Texts = Annotated[list[Text], Field(json_schema_extra={"minItems": 1})]
+
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# With strict validation, JSON Schema's integer: 3 and 3.0, never true or "3".
+Integer = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+def _task_needs(task: str, field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema for "when `tasks` lists `task`, `field` is given and is `schema`"."""
+    return {
+        "if": {
+            "required": ["tasks"],
+            "properties": {"tasks": {"type": "array", "contains": {"const": task}}},
+        },
+        "then": {"required": [field], "properties": {field: schema}},
+    }
+
+
+class AnalyzeRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Exactly one of text and texts (null counts as absent).
+            "oneOf": [
+                {"required": ["text"], "properties": {"text": {"type": "string"}}},
+                {"required": ["texts"], "properties": {"texts": {"type": "array"}}},
+            ],
+            "allOf": [
+                _task_needs("classify", "labels", {"type": "array"}),
+                _task_needs("similarity", "reference", {"type": "string"}),
+            ],
+        }
+    )
+
+    text: Text | None = Field(None, description="One text; or send `texts`.")
+    texts: Texts | None = Field(None, description="Several texts, analysed alike.")
     tasks: list[Task] | None = Field(
         None,
         description="What to compute per text. Default: sentiment and stats, plus classify "
         "when `labels` are given and similarity when `reference` is.",
     )
-    labels: list[str] | None = Field(None, description="Candidate labels for `classify`.")
-    reference: str | None = Field(None, description="The text `similarity` compares against.")
+    labels: Texts | None = Field(None, description="Candidate labels for `classify`.")
+    reference: Text | None = Field(None, description="The text `similarity` compares against.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalyzeRequest:
@@ -50,6 +112,10 @@ class AnalyzeRequest(BaseModel):
         if self.reference is not None:
             tasks.append("similarity")
         return tasks
+
+
+class Message(BaseModel):
+    detail: str
 
 
 class Sentiment(BaseModel):
@@ -96,9 +162,9 @@ class AnalyzeResponse(BaseModel):
     results: list[TextAnalysis] = Field(description="One per text, in the order sent.")
 
 
-class SimilarityRequest(BaseModel):
-    a: str | list[str]
-    b: str | list[str]
+class SimilarityRequest(_Request):
+    a: Text | Texts = Field(description="A text or a list of texts.")
+    b: Text | Texts = Field(description="A text or a list of texts.")
 
 
 class SimilarityResponse(BaseModel):
@@ -109,14 +175,28 @@ class SimilarityResponse(BaseModel):
     )
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(_Request):
     # Clients send fields this server has no use for (e.g. `user`); OpenAI ignores them too.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Text | Texts = Field(
+        description="A text or a list of texts. OpenAI's token arrays are not taken: this "
+        "model's tokenizer is not OpenAI's."
+    )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Integer | None = Field(
+        None, description="The model's own dimensions only (384 for all-MiniLM-L6-v2)."
+    )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_arrays(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(item, int | list) for item in value):
+            raise ValueError(
+                "token arrays are not supported: this model's tokenizer is not OpenAI's; send text"
+            )
+        return value
 
 
 class Embedding(BaseModel):

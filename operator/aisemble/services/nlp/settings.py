@@ -31,7 +31,12 @@ class NlpSettings(BaseModel):
         description="Tokens per text the model sees (longer texts are truncated). "
         "Unset: the model's own `max_seq_length` (256 for MiniLM).",
     )
-    max_texts: int = Field(512, gt=0, description="Texts per request, all fields together.")
+    max_texts: int = Field(
+        512,
+        gt=0,
+        description="Texts per field of a request (`texts`, `input`, each side of a "
+        "similarity); the OpenAPI document states it.",
+    )
     max_chars: int = Field(20_000, gt=0, description="Characters per text.")
     max_labels: int = Field(100, gt=0, description="Labels per classify request.")
     max_body_bytes: int = Field(16 * 2**20, gt=0, description="Larger requests get 413.")

@@ -2,26 +2,76 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+
+# What the service reads as base64 (an optional `data:...;base64,` prefix, then the alphabet
+# in groups of four, padded, with line breaks and spaces anywhere), so the schema says it.
+_WHITESPACE = "[ \\t\\r\\n]*"
+_LETTER = f"{_WHITESPACE}[A-Za-z0-9+/]"
+BASE64_PATTERN = (
+    f"^(data:[^,]*;base64,)?({_LETTER * 4})*"
+    f"({_LETTER * 2}{_WHITESPACE}={_WHITESPACE}=|{_LETTER * 3}{_WHITESPACE}=)?{_WHITESPACE}$"
+)
+BASE64_WHITESPACE = " \t\r\n"
+
+
+def _base64_text(text: str) -> str:
+    # The same pattern the schema publishes (its classes and anchors mean the same in
+    # Python and in JSON Schema's regexes), with a message a person can act on.
+    if not re.search(BASE64_PATTERN, text):
+        raise ValueError("the image is not valid base64 (or a data: URL with ;base64,)")
+    return text
+
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# With strict validation, makes an int field JSON Schema's integer: 3 and 3.0 (it counts
+# values, not spellings), never true or "3". Bounds go before it in the Annotated, or
+# pydantic writes them into the schema as `ge`/`le` instead of minimum/maximum.
+WHOLE = BeforeValidator(_whole_number)
 
 
 class AnalyzeOptions(BaseModel):
     """What to compute besides the always-present description. Multipart sends these as fields."""
 
-    top_k: int = Field(5, ge=1, le=1000, description="How many labels to return, best first.")
+    top_k: Annotated[int, Field(ge=1, le=1000), WHOLE] = Field(
+        5, description="How many labels to return, best first."
+    )
     classify: bool = Field(
         True, description="Run the classification model (when one is configured)."
     )
-    colours: int = Field(5, ge=1, le=32, description="How many dominant colours to find.")
+    colours: Annotated[int, Field(ge=1, le=32), WHOLE] = Field(
+        5, description="How many dominant colours to find."
+    )
 
 
 class AnalyzeJson(AnalyzeOptions):
-    image: str = Field(
+    image: Annotated[str, AfterValidator(_base64_text)] = Field(
         min_length=1,
         description="The image file, base64-encoded; a `data:image/...;base64,` prefix is accepted.",
+        json_schema_extra={"pattern": BASE64_PATTERN},
     )
+
+
+class Message(BaseModel):
+    detail: str
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where: `body`, then the field, e.g. top_k.")
+    msg: str
+    type: str
+
+
+class InvalidRequest(BaseModel):
+    """FastAPI's 422 body, which this route answers in too."""
+
+    detail: list[ErrorItem]
 
 
 class Colour(BaseModel):
