@@ -64,6 +64,7 @@ class TestDefaults:
         assert policy.host_ips == ("127.0.0.1", "::1")
         assert policy.host_ports == ((1024, 65535),)
         assert policy.max_gpus_per_stack is None
+        assert policy.max_profile == "baseline"
         assert policy.governed == ("kube", "git")
 
     @pytest.mark.parametrize(
@@ -218,6 +219,28 @@ class TestGpus:
         assert violation.message.endswith("a stack may have no GPUs")
 
 
+class TestSecurityProfile:
+    def test_privileged_is_refused_by_default_baseline_is_not(self) -> None:
+        """Root with any capability is the host admin's to give, not a cluster user's."""
+        assert Policy().check(resource(security={"profile": "baseline"})) == []
+        [violation] = Policy().check(resource(security={"profile": "privileged"}))
+        assert str(violation) == (
+            'spec.security.profile: "privileged" is more than the host allows (restricted, '
+            "baseline); see aisemble run --max-security-profile"
+        )
+
+    def test_the_most_a_stack_may_relax_is_set_by_the_option(self) -> None:
+        strict = Policy(max_profile="restricted")
+        assert strict.check(resource()) == []  # restricted is the spec's default
+        assert [v.path for v in strict.check(resource(security={"profile": "baseline"}))] == [
+            "spec.security.profile"
+        ]
+        assert (
+            Policy(max_profile="privileged").check(resource(security={"profile": "privileged"}))
+            == []
+        )
+
+
 def test_every_violation_is_listed_in_field_order() -> None:
     stack = resource(
         services=[
@@ -259,6 +282,7 @@ class TestOptions:
                 "--allowed-host-ips", "10.0.0.0/24",
                 "--host-ports", "8000-8999,443",
                 "--max-gpus-per-stack", "2",
+                "--max-security-profile", "restricted",
                 "--admission-for", "kube,git,dir",
             ]
         )  # fmt: skip
@@ -267,6 +291,7 @@ class TestOptions:
             host_ips=("127.0.0.1", "10.0.0.0/24"),
             host_ports=((443, 443), (8000, 8999)),
             max_gpus_per_stack=2,
+            max_profile="restricted",
             governed=("kube", "git", "dir"),
         )
 
@@ -316,6 +341,7 @@ class TestRecordedPolicy:
             host_ips=("0.0.0.0",),
             host_ports=((80, 80), (8000, 8999)),
             max_gpus_per_stack=1,
+            max_profile="privileged",
             governed=("kube",),
         )
         assert admitting.load(tmp_path) is None
@@ -326,6 +352,11 @@ class TestRecordedPolicy:
         assert [p.name for p in tmp_path.iterdir()] == [admitting.POLICY_FILE]  # no leftovers
         admitting.save(tmp_path, Policy(governed=()))
         assert admitting.load(tmp_path) == Policy(governed=())
+
+    def test_a_file_from_before_the_profile_rule_gets_its_default(self, tmp_path: Path) -> None:
+        older = {k: v for k, v in Policy().to_dict().items() if k != "maxSecurityProfile"}
+        (tmp_path / admitting.POLICY_FILE).write_text(json.dumps(older))
+        assert admitting.load(tmp_path) == Policy()
 
     @pytest.mark.parametrize(
         "text",

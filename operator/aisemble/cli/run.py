@@ -56,6 +56,14 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "many as the host can give)",
     )
     group.add_argument(
+        "--max-security-profile",
+        default=admission.DEFAULT_MAX_PROFILE,
+        choices=["restricted", "baseline", "privileged"],
+        help="the most a stack's spec.security.profile may relax (default "
+        f"{admission.DEFAULT_MAX_PROFILE}: privileged, root with any capability, is the "
+        "host admin's alone)",
+    )
+    group.add_argument(
         "--admission-for",
         action="append",
         metavar="KIND[,KIND...]",
@@ -91,6 +99,7 @@ def policy_of(args: argparse.Namespace) -> admission.Policy:
         host_ips=fields.get("allowed_host_ips", defaults.host_ips),
         host_ports=fields.get("host_ports", defaults.host_ports),
         max_gpus_per_stack=max_gpus,
+        max_profile=getattr(args, "max_security_profile", defaults.max_profile),
         governed=fields.get("admission_for", defaults.governed),
     )
 

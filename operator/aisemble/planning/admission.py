@@ -2,7 +2,8 @@
 
 A Kubernetes cluster and a git repository bring stacks written by others than
 the host's admin. `aisemble run` holds them to a policy (`--allowed-images`,
-`--allowed-host-ips`, `--host-ports`, `--max-gpus-per-stack`): a stack outside
+`--allowed-host-ips`, `--host-ports`, `--max-gpus-per-stack`,
+`--max-security-profile`): a stack outside
 it is refused whole, every violation named by its field and the option that
 sets the rule, and whatever that stack ran before keeps running, as with any
 other refusal. What the admin applies on the host (`aisemble apply`, and by
@@ -12,8 +13,10 @@ kinds of source are.
 Where a stack can ask for what the policy governs, all read from the spec:
 each service's `image` (there are no init containers or sidecars; the
 forwarder of exposed ports runs the operator's own image), each `expose`
-entry's `hostIP` and `hostPort`, and each service's GPUs (`resources.gpus` or
-`resources.gpuDevices`, per replica, times `replicas`).
+entry's `hostIP` and `hostPort`, each service's GPUs (`resources.gpus` or
+`resources.gpuDevices`, per replica, times `replicas`), and the stack's
+`security.profile` (a service's `securityContext` may relax it only as far as
+the profile allows, which loading checks already).
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from aisemble.model import AISemble, AISembleSpec, Resources
+from aisemble.model.security import PROFILES
 
 ANY_IMAGE = "*"
 DEFAULT_IMAGE_PREFIXES = ("localhost/aisemble/",)
 DEFAULT_HOST_IPS = ("127.0.0.1", "::1")
 DEFAULT_HOST_PORTS = ((1024, 65535),)
+# `privileged` lets a service run as root with any capability: the host's admin only.
+DEFAULT_MAX_PROFILE = "baseline"
 # Kinds of source: `kube` (a cluster), `git:...`, `dir:...` (a watched directory), `cli`.
 SOURCE_KINDS = ("kube", "git", "dir")
 GOVERNED_BY_DEFAULT = ("kube", "git")
@@ -73,6 +79,7 @@ class Policy:
     host_ips: tuple[str, ...] = DEFAULT_HOST_IPS  # addresses, or networks in CIDR form
     host_ports: tuple[tuple[int, int], ...] = DEFAULT_HOST_PORTS  # inclusive ranges
     max_gpus_per_stack: int | None = None  # None: as many as the host can give
+    max_profile: str = DEFAULT_MAX_PROFILE  # the most a stack's security.profile may relax
     governed: tuple[str, ...] = GOVERNED_BY_DEFAULT  # kinds of source held to the rules
 
     def governs(self, source: str) -> bool:
@@ -87,6 +94,7 @@ class Policy:
             *self._images(spec),
             *self._exposed(spec),
             *self._gpus(spec),
+            *self._profile(spec),
         ]
 
     def admit(self, source: str, stack: AISemble | AISembleSpec) -> None:
@@ -157,6 +165,16 @@ class Policy:
             "--max-gpus-per-stack",
         )
 
+    def _profile(self, spec: AISembleSpec) -> Iterable[Violation]:
+        asked = spec.security.profile
+        if PROFILES.index(asked) > PROFILES.index(self.max_profile):
+            allowed = ", ".join(PROFILES[: PROFILES.index(self.max_profile) + 1])
+            yield Violation(
+                "spec.security.profile",
+                f"{_quoted(asked)} is more than the host allows ({allowed})",
+                "--max-security-profile",
+            )
+
     def describe(self) -> str:
         """One line for the log, e.g. when `aisemble run` starts."""
         if not self.governed:
@@ -166,7 +184,8 @@ class Policy:
         return (
             f"admission policy for {', '.join(self.governed)} sources: images under "
             f"{images or 'none'}; host addresses {', '.join(self.host_ips) or 'none'}; host "
-            f"ports {format_ranges(self.host_ports) or 'none'}; GPUs per stack {gpus}"
+            f"ports {format_ranges(self.host_ports) or 'none'}; GPUs per stack {gpus}; "
+            f"security profiles up to {self.max_profile}"
         )
 
     # -- as a document (the state directory keeps the one `aisemble run` was given) ---------
@@ -177,6 +196,7 @@ class Policy:
             "hostIPs": list(self.host_ips),
             "hostPorts": [list(r) for r in self.host_ports],
             "maxGPUsPerStack": self.max_gpus_per_stack,
+            "maxSecurityProfile": self.max_profile,
             "governed": list(self.governed),
         }
 
@@ -190,6 +210,8 @@ class Policy:
                 host_ips=parse_host_ips(list(data["hostIPs"])),
                 host_ports=parse_port_ranges([f"{low}-{high}" for low, high in data["hostPorts"]]),
                 max_gpus_per_stack=None if max_gpus is None else parse_max_gpus(str(max_gpus)),
+                # (absent from a file an older `aisemble run` wrote: the default)
+                max_profile=parse_max_profile(data.get("maxSecurityProfile", DEFAULT_MAX_PROFILE)),
                 governed=parse_governed(list(data["governed"]) or ["none"]),
             )
         except (KeyError, TypeError) as exc:
@@ -285,6 +307,12 @@ def parse_max_gpus(text: str) -> int | None:
     return value
 
 
+def parse_max_profile(text: str) -> str:
+    if text not in PROFILES:
+        raise ValueError(f"{text!r}: give one of {', '.join(PROFILES)}")
+    return text
+
+
 def parse_governed(values: Iterable[str]) -> tuple[str, ...]:
     kinds = _items(values)
     if kinds == ["none"]:
@@ -312,6 +340,7 @@ __all__ = [
     "DEFAULT_HOST_IPS",
     "DEFAULT_HOST_PORTS",
     "DEFAULT_IMAGE_PREFIXES",
+    "DEFAULT_MAX_PROFILE",
     "GOVERNED_BY_DEFAULT",
     "NOT_ADMITTED",
     "SOURCE_KINDS",
@@ -325,6 +354,7 @@ __all__ = [
     "parse_host_ips",
     "parse_image_prefixes",
     "parse_max_gpus",
+    "parse_max_profile",
     "parse_port_ranges",
     "source_kind",
 ]
