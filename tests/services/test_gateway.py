@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from gateway_fixtures import KEY, Stack, wait_for_job, wait_until_entered
 
 from aisemble.services.gateway.jobs import JobStore
+from aisemble.services.nlp.app import create as create_nlp
+from aisemble.services.nlp.settings import NlpSettings
 
 
 @pytest.fixture
@@ -149,8 +151,9 @@ class TestJobs:
         job = wait_for_job(client, job_id)
         assert job["state"] == "succeeded" and job["result"]["text"] == "cba"
         assert job["started"] and job["finished"] and job["duration_ms"] >= 0
-        data_job = client.post("/data/process", json={"operations": [], "async": True}).json()
-        assert wait_for_job(client, data_job["id"])["result"] == {"row_count": 0}
+        read = {"op": "read", "path": "orders.csv"}
+        data_job = client.post("/data/process", json={"operations": [read], "async": True}).json()
+        assert wait_for_job(client, data_job["id"])["result"] == {"row_count": 1}
         listed = client.get("/jobs", params={"state": "succeeded"}).json()
         assert {j["id"] for j in listed["jobs"]} == {job_id, data_job["id"]}
 
@@ -158,7 +161,9 @@ class TestJobs:
         self, stack: Stack, client: TestClient
     ) -> None:
         stack.down.add("vision")
-        job_id = client.post("/ai/vision/analyze", json={"image": "x", "async": True}).json()["id"]
+        job_id = client.post("/ai/vision/analyze", json={"image": "eA==", "async": True}).json()[
+            "id"
+        ]
         job = wait_for_job(client, job_id)
         assert job["state"] == "failed" and job["error"]["status"] == 503
         assert "unreachable" in job["error"]["detail"]
@@ -357,3 +362,81 @@ def test_metrics_cover_backends_and_routes(client: TestClient) -> None:
         'http_requests_total{method="POST",route="/ai/llm/completion",service="gateway",status="200"}'
         in text
     )
+
+
+class TestAsDocumented:
+    """What the published document promises (tests/services/test_fuzz_gateway.py fuzzes it)."""
+
+    FLOW = {"steps": [{"name": "a", "call": "nlp.analyze", "input": {"text": "x"}}]}
+
+    @pytest.mark.parametrize(
+        "path, body",
+        [
+            ("/ai/llm/completion", {"prompt": "x", "async": 0}),
+            ("/workflows", FLOW | {"async": 0}),
+            ("/ai/nlp/analyze", {"text": "x", "async": 0}),
+            ("/data/process", {"operations": [{"op": "read", "path": "a.csv"}], "async": 1}),
+        ],
+    )
+    def test_async_is_true_or_false_not_a_number(
+        self, client: TestClient, path: str, body: dict
+    ) -> None:
+        response = client.post(path, json=body)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", "async"] and error["type"] == "bool_type"
+        assert client.get("/jobs").json()["count"] == 0
+
+    def test_a_seed_is_within_the_llms_bounds(self, stack: Stack, client: TestClient) -> None:
+        refused = client.post("/ai/llm/completion", json={"prompt": "x", "seed": 2**53})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == [
+            "body",
+            "seed",
+        ]
+        assert client.post(
+            "/ai/llm/completion", json={"prompt": "x", "seed": -(2**53 - 1)}
+        ).is_success
+
+    @pytest.mark.parametrize(
+        "path, body, field",
+        [
+            ("/ai/nlp/analyze", {"texts": [" "]}, None),
+            ("/ai/nlp/analyze", {"text": "x", "tasks": ["nope"]}, "tasks"),
+            ("/data/process", {"operations": []}, "operations"),
+            ("/ai/vision/analyze", {"image": "not base64!"}, "image"),
+        ],
+    )
+    def test_an_async_body_is_checked_before_a_job_is_taken(
+        self, client: TestClient, path: str, body: dict, field: str | None
+    ) -> None:
+        response = client.post(path, json=body | {"async": True})
+        assert response.status_code == 422, response.text
+        (error, *_) = response.json()["detail"]
+        assert error["loc"][:2] == (["body", field] if field else ["body"])
+        assert {"loc", "msg", "type"} <= set(error)
+        assert client.get("/jobs").json()["count"] == 0
+
+    def test_openai_bodies_reach_the_service_as_they_came(self, stack: Stack) -> None:
+        # Bytes that are not UTF-8 get the service's own answer, OpenAI's 400, not the
+        # gateway's {"detail": ...}.
+        stack.backends["nlp"].app = create_nlp(NlpSettings())
+        with stack.client() as client:
+            response = client.post(
+                "/v1/embeddings",
+                content=b'{"input": "\xff"}',
+                headers={"Content-Type": "application/json"},
+            )
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+    def test_the_document_says_what_answers(self, client: TestClient) -> None:
+        paths = client.get("/openapi.json").json()["paths"]
+        assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+        assert "404" in paths["/jobs/{job_id}"]["get"]["responses"]
+        assert {"404", "409"} <= set(paths["/jobs/{job_id}"]["delete"]["responses"])
+        for path in ("/ai/vision/analyze", "/ai/nlp/analyze", "/data/process", "/workflows"):
+            operation = paths[path]["post"]
+            assert "202" in operation["responses"] and "requestBody" in operation
+        completions = paths["/v1/completions"]["post"]
+        assert "text/event-stream" in completions["responses"]["200"]["content"]
+        assert "CompletionRequest" in json.dumps(completions["requestBody"])

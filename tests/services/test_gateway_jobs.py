@@ -51,7 +51,9 @@ class TestOwnership:
             }
             my_flow = client.post("/workflows", json=flow).json()["id"]
             theirs = client.post(
-                "/data/process", json={"operations": [], "async": True}, headers=OTHER
+                "/data/process",
+                json={"operations": [{"op": "read", "path": "a.csv"}], "async": True},
+                headers=OTHER,
             ).json()["id"]
             job_id = mine.json()["id"]
             for each in (job_id, my_flow):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -176,8 +176,10 @@ def create_app(
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(ready.retry_after)})
 
-    @app.get("/metrics", tags=["probes"])
+    # Prometheus' text format, not JSON: the document says so, for clients and fuzzers.
+    @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus metrics, in its text exposition format."""
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ServiceUnavailable)

@@ -12,17 +12,43 @@ import json
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ValidationError
 
+# The services' request and answer models: light pydantic modules, the same the services
+# validate with, so the gateway publishes (and on its async path checks) what they take.
 from aisemble.services.common import ServiceUnavailable
 from aisemble.services.common.logs import request_id
+from aisemble.services.data.schemas import ErrorBody
 from aisemble.services.gateway import workflows
+from aisemble.services.gateway.answers import (
+    ACCEPTED,
+    LLM_ERRORS,
+    NO_JOB,
+    OPENAI_LLM,
+    OPENAI_NLP,
+    UNAVAILABLE,
+    RawBody,
+    Responses,
+    documents,
+    either,
+    streamed,
+)
 from aisemble.services.gateway.auth import CallerDep, caller_of
 from aisemble.services.gateway.backends import BackendError, Backends
 from aisemble.services.gateway.jobs import FINAL, Job
 from aisemble.services.gateway.runner import JobRunner
+from aisemble.services.gateway.schemas import BODIES, Detail, LLMCompletion
+from aisemble.services.llm.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+)
+from aisemble.services.nlp.schemas import EmbeddingsRequest
+from aisemble.services.vision.schemas import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +110,6 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-class LLMCompletion(BaseModel):
-    """POST /ai/llm/completion: a prompt in, text out."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    prompt: str = Field(min_length=1, description="The text to continue.")
-    model: str | None = Field(None, description="Model id; by default the one the LLM serves.")
-    max_tokens: int = Field(128, ge=1, le=8192, description="Most tokens to generate.")
-    temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Text that ends the completion.")
-    seed: int | None = Field(None, description="Same seed, same text.")
-    run_async: bool = Field(False, alias="async", description="Answer at once with a job id.")
-
-
 router = APIRouter()
 
 
@@ -119,7 +130,7 @@ async def _dispatch(
     )
 
 
-@router.post("/ai/llm/completion", tags=["ai"])
+@router.post("/ai/llm/completion", tags=["ai"], responses={**ACCEPTED, **LLM_ERRORS, **UNAVAILABLE})
 async def llm_completion(req: LLMCompletion, gw: GatewayDep, caller: CallerDep) -> Response:
     return await _dispatch(
         gw, "llm.completion", req.model_dump(exclude={"run_async"}), req.run_async, caller
@@ -135,25 +146,37 @@ _ROUTES = {
 
 def _passthrough(kind: str):
     backend, path = _ROUTES[kind]
+    model = BODIES[kind]
 
-    async def route(request: Request, gw: GatewayDep) -> Response:
+    @documents(model)
+    async def route(request: Request) -> Response:
+        gw = get_gateway(request)
         raw = await request.body()
-        # The backend validates the body; the gateway only looks inside for "async",
-        # and only parses when the bytes could hold it (the hot path forwards them as-is).
+        # The backend validates the body; the gateway only looks inside for "async", and
+        # only parses when the bytes could hold it (the hot path forwards them as-is). A
+        # body that is not JSON goes as it is too, for the backend to answer as it does.
         if b'"async"' in raw:
             try:
                 body = json.loads(raw)
-            except ValueError as exc:
-                raise HTTPException(
-                    422, [{"loc": ["body"], "msg": f"invalid JSON: {exc}"}]
-                ) from exc
+            except ValueError:
+                body = None
             if isinstance(body, dict) and "async" in body:
                 run_async = body.pop("async")
                 if not isinstance(run_async, bool):
-                    raise HTTPException(
-                        422, [{"loc": ["body", "async"], "msg": "must be true or false"}]
+                    raise RequestValidationError(
+                        [
+                            {
+                                "type": "bool_type",
+                                "loc": ("body", "async"),
+                                "msg": "Input should be a valid boolean",
+                                "input": run_async,
+                            }
+                        ]
                     )
                 if run_async:
+                    # Checked now, as the backend would: a job is taken only for a body the
+                    # document admits; beyond that (a file, a picture) the job reports it.
+                    _validate(model, body)
                     return await _dispatch(gw, kind, body, True, caller_of(request))
                 raw = json.dumps(body).encode()
         reply = await gw.backends.forward(backend, path, raw)
@@ -166,16 +189,65 @@ def _passthrough(kind: str):
     return route
 
 
-router.post("/ai/vision/analyze", tags=["ai"], summary="Analyse an image")(
-    _passthrough("vision.analyze")
-)
-router.post("/ai/nlp/analyze", tags=["ai"], summary="Analyse text")(_passthrough("nlp.analyze"))
-router.post("/data/process", tags=["data"], summary="Run an operation list")(
-    _passthrough("data.process")
-)
+def _validate(model: type[BaseModel], body: dict[str, Any]) -> None:
+    try:
+        model.model_validate(body, strict=True)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [
+                {**error, "loc": ("body", *error["loc"])}
+                for error in exc.errors(include_url=False, include_context=False)
+            ]
+        ) from None
 
 
-@router.post("/workflows", tags=["workflows"])
+_PASSTHROUGHS: dict[str, tuple[str, str, str, Responses]] = {
+    "vision.analyze": (
+        "/ai/vision/analyze",
+        "Analyse an image",
+        "ai",
+        {422: {"model": InvalidRequest, "description": "A malformed body, or not a picture"}},
+    ),
+    "nlp.analyze": (
+        "/ai/nlp/analyze",
+        "Analyse text",
+        "ai",
+        {400: {"model": Detail, "description": "The body is not UTF-8 JSON"}},
+    ),
+    "data.process": (
+        "/data/process",
+        "Run an operation list",
+        "data",
+        {400: {"model": ErrorBody, "description": "The list cannot run on the files there are"}},
+    ),
+}
+
+for _kind, (_path, _summary, _tag, _errors) in _PASSTHROUGHS.items():
+    router.add_api_route(
+        _path,
+        _passthrough(_kind),
+        methods=["POST"],
+        tags=[_tag],
+        summary=_summary,
+        responses={**ACCEPTED, **_errors, **UNAVAILABLE},
+        route_class_override=RawBody,
+    )
+
+
+@router.post(
+    "/workflows",
+    tags=["workflows"],
+    responses={
+        **ACCEPTED,
+        **{status: workflows.STEP_FAILED for status in (400, 404, 502, 503, 504)},
+        413: either("The body is too large, or a step's is", "Detail", "StepFailure"),
+        422: either(
+            "A malformed workflow, or a step the service refused",
+            "HTTPValidationError",
+            "StepFailure",
+        ),
+    },
+)
 async def run_workflow(flow: workflows.Workflow, gw: GatewayDep, caller: CallerDep) -> Response:
     body = flow.model_dump(exclude={"run_async"})
     return await _dispatch(gw, "workflow", body, flow.run_async, caller)
@@ -208,12 +280,16 @@ async def list_jobs(
     return {"jobs": [j.view() | {"result": None} for j in jobs], "count": len(jobs)}
 
 
-@router.get("/jobs/{job_id}", tags=["jobs"])
+@router.get("/jobs/{job_id}", tags=["jobs"], responses=NO_JOB)
 async def get_job(job_id: str, gw: GatewayDep, caller: CallerDep) -> dict[str, Any]:
     return _own_job(gw, job_id, caller).view()
 
 
-@router.delete("/jobs/{job_id}", tags=["jobs"])
+@router.delete(
+    "/jobs/{job_id}",
+    tags=["jobs"],
+    responses={**NO_JOB, 409: {"model": Detail, "description": "The job has already ended"}},
+)
 async def cancel_job(job_id: str, gw: GatewayDep, caller: CallerDep) -> dict[str, Any]:
     before = _own_job(gw, job_id, caller)
     assert gw.runner is not None
@@ -247,29 +323,59 @@ async def models(gw: GatewayDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-async def _openai(gw: Gateway, backend: str, path: str, body: dict[str, Any]) -> Response:
-    if body.get("stream"):
-        status, headers, chunks = await gw.backends.stream(backend, path, body)
-        return StreamingResponse(
-            chunks,
-            status_code=status,
-            media_type=headers.get("content-type", "text/event-stream"),
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+def _openai(backend: str, path: str):
+    """A raw route to an OpenAI route of `backend`: the body goes as it came, the answer
+    comes back as it is (a stream when the body asks for one)."""
+
+    async def route(request: Request) -> Response:
+        gw = get_gateway(request)
+        raw = await request.body()
+        if b'"stream"' in raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and body.get("stream") is True:
+                status, headers, chunks = await gw.backends.stream(backend, path, raw)
+                return StreamingResponse(
+                    chunks,
+                    status_code=status,
+                    media_type=headers.get("content-type", "text/event-stream"),
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+        reply = await gw.backends.forward(backend, path, raw)
+        return Response(
+            reply.content,
+            status_code=reply.status_code,
+            media_type=reply.headers.get("content-type"),
         )
-    reply = await gw.backends.call(backend, "POST", path, json=body)
-    return JSONResponse(reply.body, status_code=reply.status)
+
+    return route
 
 
-@router.post("/v1/completions", tags=["openai"])
-async def completions(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
-    return await _openai(gw, "llm", "/v1/completions", body)
-
-
-@router.post("/v1/chat/completions", tags=["openai"])
-async def chat_completions(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
-    return await _openai(gw, "llm", "/v1/chat/completions", body)
-
-
-@router.post("/v1/embeddings", tags=["openai"])
-async def embeddings(gw: GatewayDep, body: Annotated[dict[str, Any], Body()]) -> Response:
-    return await _openai(gw, "nlp", "/v1/embeddings", body)
+router.add_api_route(
+    "/v1/completions",
+    documents(CompletionRequest)(_openai("llm", "/v1/completions")),
+    methods=["POST"],
+    tags=["openai"],
+    response_model=Completion,
+    responses={**streamed("Completion"), **OPENAI_LLM},
+    route_class_override=RawBody,
+)
+router.add_api_route(
+    "/v1/chat/completions",
+    documents(ChatCompletionRequest)(_openai("llm", "/v1/chat/completions")),
+    methods=["POST"],
+    tags=["openai"],
+    response_model=ChatCompletion,
+    responses={**streamed("ChatCompletionChunk"), **OPENAI_LLM},
+    route_class_override=RawBody,
+)
+router.add_api_route(
+    "/v1/embeddings",
+    documents(EmbeddingsRequest)(_openai("nlp", "/v1/embeddings")),
+    methods=["POST"],
+    tags=["openai"],
+    responses=OPENAI_NLP,
+    route_class_override=RawBody,
+)

@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from aisemble.services.common import Readiness, create_app, env_settings
 from aisemble.services.common.clock import Clock
 from aisemble.services.common.settings import SettingsError
+from aisemble.services.gateway.answers import complete_openapi
 from aisemble.services.gateway.api import Gateway, router
 from aisemble.services.gateway.auth import Guard, GuardMetrics, Keyring, document
 from aisemble.services.gateway.backends import BackendError, Backends
@@ -103,6 +104,7 @@ def create(
         return JSONResponse(body, status_code=exc.status)
 
     app.include_router(router)
+    complete_openapi(app)
     if guard is not None:
         document(app)
     return app

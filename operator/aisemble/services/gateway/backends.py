@@ -136,11 +136,15 @@ class Backends:
         return response
 
     async def stream(
-        self, backend: str, path: str, json: Any
+        self, backend: str, path: str, content: bytes
     ) -> tuple[int, httpx.Headers, AsyncIterator[bytes]]:
-        """Open a streamed request; errors before the first byte raise like call()."""
+        """POST a JSON body as bytes and open the streamed answer; errors before the first
+        byte raise like call()."""
         request = self.client.build_request(
-            "POST", self.url(backend, path), json=json, headers=self._headers()
+            "POST",
+            self.url(backend, path),
+            content=content,
+            headers={**self._headers(), "Content-Type": "application/json"},
         )
         try:
             response = await self.client.send(request, stream=True)

@@ -46,7 +46,9 @@ class Workflow(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     steps: list[Step] = Field(min_length=1, max_length=50, description="Steps, run in order.")
-    run_async: bool = Field(False, alias="async", description="Answer at once with a job id.")
+    run_async: bool = Field(
+        False, alias="async", strict=True, description="Answer at once with a job id."
+    )
 
     @model_validator(mode="after")
     def _references_point_back(self) -> Workflow:
@@ -62,6 +64,24 @@ class Workflow(BaseModel):
                     )
             seen.add(step.name)
         return self
+
+
+class StepError(BaseModel):
+    step: str = Field(description="The name of the step that failed.")
+    index: int = Field(description="Its place among the steps, from 0.")
+    status: int = Field(description="The status the service answered, or the gateway's for it.")
+    error: Any = Field(description="The service's answer, or why the step could not run.")
+
+
+class StepFailure(BaseModel):
+    """The answer when a step fails, with the status of its failure: the service's own
+    4xx, 502 when it broke, 503 when it cannot be used, 504 when it took too long, 422
+    when the step's input (references resolved) is not what the call takes."""
+
+    detail: StepError
+
+
+STEP_FAILED: dict[str, Any] = {"model": StepFailure, "description": "A step failed"}
 
 
 class UnresolvedReference(ValueError):
@@ -144,4 +164,15 @@ def _references(value: Any) -> set[str]:
     return set()
 
 
-__all__ = ["CALLS", "Step", "StepFailed", "UnresolvedReference", "Workflow", "resolve", "run"]
+__all__ = [
+    "CALLS",
+    "STEP_FAILED",
+    "Step",
+    "StepError",
+    "StepFailed",
+    "StepFailure",
+    "UnresolvedReference",
+    "Workflow",
+    "resolve",
+    "run",
+]
