@@ -7,6 +7,8 @@ other kinds (Pod, Deployment, ...) are skipped and reported, so one file can
 serve both tools. Every problem in the input is collected and reported at once,
 naming the file, the document, the field path and the line, so a user fixes
 everything in one go; a caller applies nothing unless the whole input is valid.
+The text becomes YAML nodes and data in `parsing`, which bounds what untrusted YAML
+may cost; here the data becomes resources.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import pydantic
 import yaml
 
+from aisemble import parsing
 from aisemble.model import (
     API_VERSION,
     GROUP,
@@ -174,7 +177,8 @@ def load_object(data: dict[str, Any], source: str) -> AISemble:
     """Validate a resource that arrives parsed (from the Kubernetes API): problems name the
     field path; there are no lines to give. Fields the API server adds are dropped first."""
     body = {k: data[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in data}
-    name = str((body.get("metadata") or {}).get("name", "?"))
+    meta = body.get("metadata")
+    name = str(meta.get("name", "?")) if isinstance(meta, Mapping) else "?"
     resource, problems = _validate(body, None, source, None, f"{KIND} {name}")
     if resource is None:
         raise ManifestError(problems)
@@ -270,73 +274,95 @@ def _across_documents(claims: list[Claims]) -> list[Problem]:
 def _load_one(
     source: str, text: str, result: Manifests, problems: list[Problem], claims: list[Claims]
 ) -> None:
-    for index, node, data, error in _documents(source, text):
-        if error is not None:
-            problems.append(error)
-            continue
-        if data is None:
-            continue
-        line = node.start_mark.line + 1
-        if not isinstance(data, dict):
-            problems.append(
-                Problem(
-                    source,
-                    "a document must be a mapping with apiVersion and kind",
-                    document=index,
-                    line=line,
-                )
+    try:
+        for parsed in parsing.documents(text):
+            _load_document(source, parsed, result, problems, claims)
+    except parsing.YamlError as exc:
+        problems.append(
+            Problem(
+                source,
+                f"invalid YAML: {exc.message}",
+                document=exc.document,
+                line=exc.line,
+                column=exc.column,
             )
-            continue
-        problems.extend(_duplicate_keys(node, source, index))
-        kind, api_version = data.get("kind"), data.get("apiVersion")
-        name = (
-            (data.get("metadata") or {}).get("name", "?")
-            if isinstance(data.get("metadata"), dict | None)
-            else "?"
         )
-        if not kind or not api_version:
-            missing = "kind" if not kind else "apiVersion"
-            problems.append(
-                Problem(
-                    source,
-                    f"missing {missing}: every document needs apiVersion and kind",
-                    document=index,
-                    line=line,
-                )
+
+
+def _load_document(
+    source: str,
+    parsed: parsing.Parsed,
+    result: Manifests,
+    problems: list[Problem],
+    claims: list[Claims],
+) -> None:
+    index, node, data = parsed.index, parsed.node, parsed.data
+    if data is None:
+        return
+    line = node.start_mark.line + 1
+    if not isinstance(data, dict):
+        problems.append(
+            Problem(
+                source,
+                "a document must be a mapping with apiVersion and kind",
+                document=index,
+                line=line,
             )
-            continue
-        if kind == "Secret" and api_version == "v1":
-            try:
-                secret = Secret.model_validate(data)
-            except pydantic.ValidationError as exc:
-                problems.extend(_explain(exc, node, source, index, f"Secret {name}", Secret))
-                continue
-            result.secrets.append(SecretDocument(source, index, line, secret))
-            continue
-        if kind != KIND:
-            result.skipped.append(Skipped(source, index, str(kind), str(name)))
-            continue
-        claims.append(Claims.of(source, index, str(name), node, data))
-        if api_version != API_VERSION:
-            if str(api_version).startswith(GROUP + "/"):
-                message = f"apiVersion {api_version} is not served; use {API_VERSION}"
-            else:
-                message = f"kind {KIND} belongs to {API_VERSION}, not {api_version}"
-            problems.append(
-                Problem(
-                    source,
-                    message,
-                    document=index,
-                    resource=f"{KIND} {name}",
-                    path="apiVersion",
-                    line=_line_of(node, ("apiVersion",)),
-                )
+        )
+        return
+    problems.extend(
+        Problem(source, f"duplicate key {d.key!r}", document=index, path=d.path, line=d.line)
+        for d in parsed.duplicates
+    )
+    kind, api_version = data.get("kind"), data.get("apiVersion")
+    name = (
+        (data.get("metadata") or {}).get("name", "?")
+        if isinstance(data.get("metadata"), dict | None)
+        else "?"
+    )
+    if not kind or not api_version:
+        missing = "kind" if not kind else "apiVersion"
+        problems.append(
+            Problem(
+                source,
+                f"missing {missing}: every document needs apiVersion and kind",
+                document=index,
+                line=line,
             )
-            data = {**data, "apiVersion": API_VERSION}  # what else is wrong, all the same
-        resource, found = _validate(data, node, source, index, f"{KIND} {name}")
-        problems.extend(found)
-        if resource is not None and api_version == API_VERSION:
-            result.documents.append(Document(source, index, line, resource, node))
+        )
+        return
+    if kind == "Secret" and api_version == "v1":
+        try:
+            secret = Secret.model_validate(data)
+        except pydantic.ValidationError as exc:
+            problems.extend(_explain(exc, node, source, index, f"Secret {name}", Secret))
+            return
+        result.secrets.append(SecretDocument(source, index, line, secret))
+        return
+    if kind != KIND:
+        result.skipped.append(Skipped(source, index, str(kind), str(name)))
+        return
+    claims.append(Claims.of(source, index, str(name), node, data))
+    if api_version != API_VERSION:
+        if str(api_version).startswith(GROUP + "/"):
+            message = f"apiVersion {api_version} is not served; use {API_VERSION}"
+        else:
+            message = f"kind {KIND} belongs to {API_VERSION}, not {api_version}"
+        problems.append(
+            Problem(
+                source,
+                message,
+                document=index,
+                resource=f"{KIND} {name}",
+                path="apiVersion",
+                line=_line_of(node, ("apiVersion",)),
+            )
+        )
+        data = {**data, "apiVersion": API_VERSION}  # what else is wrong, all the same
+    resource, found = _validate(data, node, source, index, f"{KIND} {name}")
+    problems.extend(found)
+    if resource is not None and api_version == API_VERSION:
+        result.documents.append(Document(source, index, line, resource, node))
 
 
 def _validate(
@@ -372,71 +398,6 @@ def _validate(
 def _within(path: str, broken: str | None) -> bool:
     """`path` is the field `broken` or inside it: the schema's error there says enough."""
     return broken is not None and (path == broken or path.startswith((broken + ".", broken + "[")))
-
-
-def _documents(source: str, text: str) -> Iterator[tuple[int, Any, Any, Problem | None]]:
-    loader = yaml.SafeLoader(text)
-    index = 0
-    try:
-        while True:
-            try:
-                if not loader.check_node():
-                    return
-                index += 1
-                node = loader.get_node()
-                data = loader.construct_document(node)
-            except yaml.MarkedYAMLError as exc:
-                mark = exc.problem_mark or exc.context_mark
-                yield (
-                    index or 1,
-                    None,
-                    None,
-                    Problem(
-                        source,
-                        f"invalid YAML: {exc.problem or exc}",
-                        document=index or 1,
-                        line=mark.line + 1 if mark else None,
-                        column=mark.column + 1 if mark else None,
-                    ),
-                )
-                return
-            except yaml.YAMLError as exc:
-                yield (
-                    index or 1,
-                    None,
-                    None,
-                    Problem(source, f"invalid YAML: {exc}", document=index),
-                )
-                return
-            yield index, node, data, None
-    finally:
-        loader.dispose()
-
-
-def _duplicate_keys(node: Any, source: str, index: int, path: str = "") -> list[Problem]:
-    """PyYAML keeps the last of two equal keys silently; a typo then hides a field."""
-    found: list[Problem] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            child = f"{path}.{name}" if path else name
-            if name in seen:
-                found.append(
-                    Problem(
-                        source,
-                        f"duplicate key {name!r}",
-                        document=index,
-                        path=child,
-                        line=key.start_mark.line + 1,
-                    )
-                )
-            seen.add(name)
-            found.extend(_duplicate_keys(value, source, index, child))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found.extend(_duplicate_keys(item, source, index, f"{path}[{i}]"))
-    return found
 
 
 def _explain(
@@ -485,10 +446,24 @@ def _message(error: dict[str, Any], loc: tuple, root: type[pydantic.BaseModel] =
         return text
     if kind == "missing":
         return "required field is missing"
+    if kind in ("model_type", "dict_type"):  # pydantic names the model class; say what it is
+        what = "a mapping of fields" if kind == "model_type" else "a mapping (key: value)"
+        return f"must be {what}, not {_what(error.get('input'))}"
     if kind == "string_type" and loc[:2] == ("metadata", "annotations"):
         return 'annotation values are strings: quote it (e.g. "true")'
     message = error["msg"]
     return message.removeprefix("Value error, ")
+
+
+def _what(value: object) -> str:
+    if value is None:
+        return "null"
+    for types, name in ((bool, "a boolean"), (int | float, "a number"), (str, "a string")):
+        if isinstance(value, types):
+            return name
+    if isinstance(value, bytes):
+        return "binary data"
+    return "a list" if isinstance(value, list) else f"a {type(value).__name__}"
 
 
 def _known_fields(loc: tuple, root: type[pydantic.BaseModel] = AISemble) -> list[str]:

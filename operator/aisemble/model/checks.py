@@ -21,7 +21,8 @@ HostPort = tuple[str, int, str]  # (hostIP, hostPort, protocol)
 
 
 class SpecError(ValueError):
-    """A spec-level validation error that knows which field (relative to spec) is wrong."""
+    """A validation error that knows which field is wrong, relative to the model raising it
+    (for the spec's checks, relative to spec)."""
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}")
@@ -168,30 +169,31 @@ def host_ports_clash(a: HostPort, b: HostPort) -> bool:
     return a[1:] == b[1:] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
 
 
+_DONE: Any = object()
+
+
 def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
-    """Return one dependency cycle as a path that ends where it starts, or None."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
+    """Return one dependency cycle as a path that ends where it starts, or None.
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in graph.get(node, []):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
-            if nxt not in state:
-                found = visit(nxt)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+    Depth first, without recursion: a chain of dependencies may be longer than Python's
+    recursion limit."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(graph):
+        if start in state:
+            continue
+        state[start] = 1
+        path, pending = [start], [iter(graph.get(start, []))]
+        while pending:
+            nxt = next(pending[-1], _DONE)
+            if nxt is _DONE:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                pending.append(iter(graph.get(nxt, [])))
     return None
 
 

@@ -9,14 +9,18 @@ import re
 from decimal import Decimal, InvalidOperation
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)$")
+# Podman takes nano-CPUs and bytes as int64s; no quantity that fits needs more characters
+# (and decimal arithmetic on a longer one may overflow).
+_MOST = 2**63 - 1
+_LONGEST = 64
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 
 
 def _split(value: str, what: str, examples: str) -> tuple[Decimal, str]:
-    match = _QUANTITY.match(value.strip())
+    match = _QUANTITY.match(value.strip()) if len(value) <= _LONGEST else None
     if not match:
-        raise ValueError(f"{value!r} is not a {what} quantity (examples: {examples})")
+        raise ValueError(f"{_shown(value)} is not a {what} quantity (examples: {examples})")
     try:
         return Decimal(match.group(1)), match.group(2)
     except InvalidOperation:  # pragma: no cover - the regex already guarantees a number
@@ -36,6 +40,8 @@ def parse_cpu(value: str) -> int:
         raise ValueError(f"{value!r}: a CPU limit must be greater than zero")
     if nano < 10**7:
         raise ValueError(f"{value!r}: the smallest CPU limit podman accepts is 10m")
+    if nano > _MOST:
+        raise ValueError(f"{value!r}: more than podman can take (at most {_MOST // 10**9})")
     return int(nano)
 
 
@@ -58,4 +64,10 @@ def parse_bytes(value: str, what: str = "size") -> int:
         raise ValueError(f"{value!r}: unknown suffix {suffix!r}; use Ki, Mi, Gi, Ti or k, M, G, T")
     if size < 1:
         raise ValueError(f"{value!r}: must be at least one byte")
+    if size > _MOST:
+        raise ValueError(f"{value!r}: more than podman can take (at most 8Ei less one byte)")
     return int(size)
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:40] + "...")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from aisemble.model.meta import ObjectMeta
 from aisemble.model.spec import AISembleSpec, Resources
@@ -70,14 +72,19 @@ class AISemble(BaseModel):
     def to_document(self) -> dict:
         """The resource as a plain dict, as `kubectl get -o yaml` would print it.
 
-        Like the Kubernetes API, empty lists and maps are left out, and so are the GPU
-        sharing defaults of services that ask for no GPU (they would mean nothing there).
+        Like the Kubernetes API, empty lists and maps left at their default are left out,
+        and so are the GPU sharing defaults of services that ask for no GPU (they would
+        mean nothing there). What the round trip needs stays: an empty list or map given
+        where the default is none (`command: []`, `tcpSocket: {}`), and metadata's other
+        fields, as given.
         """
         doc = self.model_dump(mode="json", exclude_none=True)
         for service, dumped in zip(self.spec.services, doc["spec"]["services"], strict=True):
             if not service.resources.wants_gpus:
                 _drop_defaults(dumped["resources"], Resources, GPU_SHARING_FIELDS)
-        return _prune(doc)
+        doc = _prune(self, doc)
+        doc["metadata"].update(to_jsonable_python(self.metadata.model_extra or {}))
+        return doc
 
 
 # Fields of Resources that only mean something to a service asking for GPUs.
@@ -91,9 +98,27 @@ def _drop_defaults(dumped: dict, model: type[BaseModel], fields: tuple[str, ...]
             del dumped[name]
 
 
-def _prune(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _prune(v) for k, v in value.items() if v != {} and v != []}
-    if isinstance(value, list):
-        return [_prune(v) for v in value]
-    return value
+def _prune(model: BaseModel, dumped: dict) -> dict:
+    """`dumped` (of `model`) without the empty lists and maps that are its fields' defaults,
+    at every level."""
+    fields = type(model).model_fields
+    pruned = {}
+    for name, value in dumped.items():
+        if name in fields:  # not one of metadata's other fields: those stay as given
+            given = getattr(model, name)
+            if isinstance(given, BaseModel):
+                value = _prune(given, value)
+            elif isinstance(given, list):
+                value = [
+                    _prune(item, v) if isinstance(item, BaseModel) else v
+                    for item, v in zip(given, value, strict=True)
+                ]
+            if (value == {} or value == []) and given == _default(fields[name]):
+                continue
+        pruned[name] = value
+    return pruned
+
+
+def _default(field: FieldInfo) -> object:
+    factory = field.default_factory
+    return factory() if factory is not None else field.default  # type: ignore[call-arg]

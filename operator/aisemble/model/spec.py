@@ -372,6 +372,7 @@ class AISembleSpec(StrictModel):
     progressDeadlineSeconds: int = Field(
         600,
         ge=1,
+        le=2**31 - 1,  # Kubernetes' int32; past year 9999 the reconciler's deadline overflows
         description="Seconds a changed service may take to become ready before the stack is "
         "Degraded (ProgressDeadlineExceeded).",
     )
