@@ -6,7 +6,7 @@ errors on those routes are raised as `OpenAIError` and answered in that shape.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -78,3 +78,24 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Answer OpenAIError in OpenAI's shape."""
     app.add_exception_handler(OpenAIError, _handle)
+
+
+def event_stream(chunk: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a 200 that is, with `stream: true`, server-sent events: one `chunk` (a
+    component's name) as JSON per event, an `{"error": ...}` one if generation fails, and
+    `[DONE]` at the end. The LLM documents its streams so; the gateway passes them on."""
+    data = {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": {
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "anyOf": [
+                    {"$ref": f"#/components/schemas/{chunk}"},
+                    {"$ref": "#/components/schemas/ErrorResponse"},
+                ]
+            },
+        },
+    }
+    stream = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"content": {"text/event-stream": {"schema": stream}}}}

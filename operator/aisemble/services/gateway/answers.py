@@ -17,7 +17,7 @@ from fastapi.openapi.constants import REF_TEMPLATE
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from aisemble.services.common.openai import ErrorResponse
+from aisemble.services.common.openai import ErrorResponse, event_stream
 from aisemble.services.gateway.schemas import Detail, JobAccepted
 from aisemble.services.llm.schemas import ChatCompletionChunk
 
@@ -66,24 +66,8 @@ NO_JOB: Responses = {404: {"model": Detail, "description": "No such job (of this
 
 
 def streamed(chunk: str) -> Responses:
-    """The 200 of a route that, with `stream: true`, answers server-sent events, as the LLM
-    documents it: one `chunk` as JSON per event, an `{"error": ...}` one if generation
-    fails, and `[DONE]` at the end."""
-    data = {
-        "type": "string",
-        "if": {"const": "[DONE]"},
-        "else": {
-            "contentMediaType": "application/json",
-            "contentSchema": {
-                "anyOf": [
-                    {"$ref": f"#/components/schemas/{chunk}"},
-                    {"$ref": "#/components/schemas/ErrorResponse"},
-                ]
-            },
-        },
-    }
-    stream = {"type": "object", "required": ["data"], "properties": {"data": data}}
-    return {200: {"content": {"text/event-stream": {"schema": stream}}}}
+    """The 200 of a route that, with `stream: true`, answers the LLM's server-sent events."""
+    return event_stream(chunk)
 
 
 # The OpenAI routes' errors: the service's own, in OpenAI's shape, passed through, besides

@@ -353,29 +353,25 @@ def _openai(backend: str, path: str):
     return route
 
 
-router.add_api_route(
-    "/v1/completions",
-    documents(CompletionRequest)(_openai("llm", "/v1/completions")),
-    methods=["POST"],
-    tags=["openai"],
-    response_model=Completion,
-    responses={**streamed("Completion"), **OPENAI_LLM},
-    route_class_override=RawBody,
-)
-router.add_api_route(
-    "/v1/chat/completions",
-    documents(ChatCompletionRequest)(_openai("llm", "/v1/chat/completions")),
-    methods=["POST"],
-    tags=["openai"],
-    response_model=ChatCompletion,
-    responses={**streamed("ChatCompletionChunk"), **OPENAI_LLM},
-    route_class_override=RawBody,
-)
-router.add_api_route(
-    "/v1/embeddings",
-    documents(EmbeddingsRequest)(_openai("nlp", "/v1/embeddings")),
-    methods=["POST"],
-    tags=["openai"],
-    responses=OPENAI_NLP,
-    route_class_override=RawBody,
-)
+# path, backend, request model, answer model, answers
+_OPENAI_ROUTES: list[tuple[str, str, type[BaseModel], type[BaseModel] | None, Responses]] = [
+    ("/v1/completions", "llm", CompletionRequest, Completion, streamed("Completion")),
+    (
+        "/v1/chat/completions",
+        "llm",
+        ChatCompletionRequest,
+        ChatCompletion,
+        streamed("ChatCompletionChunk"),
+    ),
+    ("/v1/embeddings", "nlp", EmbeddingsRequest, None, {}),
+]
+for _path, _backend, _body, _answer, _answers in _OPENAI_ROUTES:
+    router.add_api_route(
+        _path,
+        documents(_body)(_openai(_backend, _path)),
+        methods=["POST"],
+        tags=["openai"],
+        response_model=_answer,
+        responses={**_answers, **(OPENAI_LLM if _backend == "llm" else OPENAI_NLP)},
+        route_class_override=RawBody,
+    )

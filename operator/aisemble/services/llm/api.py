@@ -27,6 +27,7 @@ from aisemble.services.common.openai import (
     ModelCard,
     ModelList,
     OpenAIError,
+    event_stream,
 )
 from aisemble.services.llm.batching import (
     GenerationFailed,
@@ -90,23 +91,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def streamed(chunk: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI for a 200 that is, with `stream: true`, server-sent events: one `chunk` as JSON
-    per event, an `{"error": ...}` one if generation fails, and `[DONE]` at the end."""
-    data = {
-        "type": "string",
-        "if": {"const": "[DONE]"},
-        "else": {
-            "contentMediaType": "application/json",
-            "contentSchema": {
-                "anyOf": [
-                    {"$ref": f"#/components/schemas/{chunk}"},
-                    {"$ref": "#/components/schemas/ErrorResponse"},
-                ]
-            },
-        },
-    }
-    stream = {"type": "object", "required": ["data"], "properties": {"data": data}}
-    return {200: {"content": {"text/event-stream": {"schema": stream}}}, **ERRORS}
+    """OpenAPI for a route that streams `chunk`s when asked (see `event_stream`)."""
+    return {**event_stream(chunk), **ERRORS}
 
 
 router = APIRouter(prefix="/v1", tags=["openai"])
