@@ -66,8 +66,16 @@ class Loop:
             try:
                 self.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
+                # Where it is stuck, for the failure: `aisemble run` prints every thread's
+                # stack on SIGUSR1 (faulthandler), into the log collected here.
+                self.process.send_signal(signal.SIGUSR1)
+                try:
+                    self.process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
                 self.process.kill()
                 self.process.wait()
+                self._reader.join(timeout=5)
                 return None
         return self.process.returncode
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import signal
 import threading
@@ -142,6 +143,9 @@ def cmd_run(args: argparse.Namespace, session: Session) -> int:
     for source in synced:
         source.admission = policy
     log.info("%s", policy.describe())
+    # `kill -USR1 PID` prints every thread's stack to stderr: where a loop that does not
+    # stop (or does not progress) is waiting, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
