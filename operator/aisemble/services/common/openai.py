@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.constants import REF_TEMPLATE
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -99,3 +100,10 @@ def event_stream(chunk: str) -> dict[int | str, dict[str, Any]]:
     }
     stream = {"type": "object", "required": ["data"], "properties": {"data": data}}
     return {200: {"content": {"text/event-stream": {"schema": stream}}}}
+
+
+def components(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    """`model`'s JSON schema and those it refers to, as entries of an OpenAPI document's
+    `components.schemas`: for a model no route names (the chunks of an event stream)."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE, mode="serialization")
+    return {**schema.pop("$defs", {}), model.__name__: schema}

@@ -13,11 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.openapi.constants import REF_TEMPLATE
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from aisemble.services.common.openai import ErrorResponse, event_stream
+from aisemble.services.common.openai import ErrorResponse, components, event_stream
 from aisemble.services.gateway.schemas import Detail, JobAccepted
 from aisemble.services.llm.schemas import ChatCompletionChunk
 
@@ -116,10 +115,7 @@ def complete_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schemas = build()["components"]["schemas"]
-            chunk = ChatCompletionChunk.model_json_schema(
-                ref_template=REF_TEMPLATE, mode="serialization"
-            )
-            for name, schema in {**chunk.pop("$defs", {}), "ChatCompletionChunk": chunk}.items():
+            for name, schema in components(ChatCompletionChunk).items():
                 if schemas.setdefault(name, schema) != schema:
                     raise AssertionError(f"two schemas are named {name} in the gateway's document")
         return app.openapi_schema

@@ -144,6 +144,19 @@ _ROUTES = {
 }
 
 
+def _object_naming(raw: bytes, key: str) -> dict[str, Any] | None:
+    """The JSON object of `raw` if it has `key`, else None. Parsed only when the bytes could
+    hold the key: the hot path forwards bodies as they came, unread. A body that is not
+    JSON is None too, and goes as it is, for the backend to answer as it does."""
+    if f'"{key}"'.encode() not in raw:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and key in body else None
+
+
 def _passthrough(kind: str):
     backend, path = _ROUTES[kind]
     model = BODIES[kind]
@@ -152,33 +165,27 @@ def _passthrough(kind: str):
     async def route(request: Request) -> Response:
         gw = get_gateway(request)
         raw = await request.body()
-        # The backend validates the body; the gateway only looks inside for "async", and
-        # only parses when the bytes could hold it (the hot path forwards them as-is). A
-        # body that is not JSON goes as it is too, for the backend to answer as it does.
-        if b'"async"' in raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-            if isinstance(body, dict) and "async" in body:
-                run_async = body.pop("async")
-                if not isinstance(run_async, bool):
-                    raise RequestValidationError(
-                        [
-                            {
-                                "type": "bool_type",
-                                "loc": ("body", "async"),
-                                "msg": "Input should be a valid boolean",
-                                "input": run_async,
-                            }
-                        ]
-                    )
-                if run_async:
-                    # Checked now, as the backend would: a job is taken only for a body the
-                    # document admits; beyond that (a file, a picture) the job reports it.
-                    _validate(model, body)
-                    return await _dispatch(gw, kind, body, True, caller_of(request))
-                raw = json.dumps(body).encode()
+        # The backend validates the body; the gateway only looks inside for "async".
+        body = _object_naming(raw, "async")
+        if body is not None:
+            run_async = body.pop("async")
+            if not isinstance(run_async, bool):
+                raise RequestValidationError(
+                    [
+                        {
+                            "type": "bool_type",
+                            "loc": ("body", "async"),
+                            "msg": "Input should be a valid boolean",
+                            "input": run_async,
+                        }
+                    ]
+                )
+            if run_async:
+                # Checked now, as the backend would: a job is taken only for a body the
+                # document admits; beyond that (a file, a picture) the job reports it.
+                _validate(model, body)
+                return await _dispatch(gw, kind, body, True, caller_of(request))
+            raw = json.dumps(body).encode()
         reply = await gw.backends.forward(backend, path, raw)
         return Response(
             reply.content,
@@ -330,19 +337,15 @@ def _openai(backend: str, path: str):
     async def route(request: Request) -> Response:
         gw = get_gateway(request)
         raw = await request.body()
-        if b'"stream"' in raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-            if isinstance(body, dict) and body.get("stream") is True:
-                status, headers, chunks = await gw.backends.stream(backend, path, raw)
-                return StreamingResponse(
-                    chunks,
-                    status_code=status,
-                    media_type=headers.get("content-type", "text/event-stream"),
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
+        body = _object_naming(raw, "stream")
+        if body is not None and body.get("stream") is True:
+            status, headers, chunks = await gw.backends.stream(backend, path, raw)
+            return StreamingResponse(
+                chunks,
+                status_code=status,
+                media_type=headers.get("content-type", "text/event-stream"),
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         reply = await gw.backends.forward(backend, path, raw)
         return Response(
             reply.content,

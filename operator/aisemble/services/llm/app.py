@@ -18,7 +18,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.openapi.constants import REF_TEMPLATE
 from starlette.exceptions import HTTPException
 
 from aisemble.services.common import Readiness, create_app, openai
@@ -156,10 +155,7 @@ def _complete_openapi(app: FastAPI, settings: LLMSettings) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schemas = build()["components"]["schemas"]
-            chunk = ChatCompletionChunk.model_json_schema(
-                ref_template=REF_TEMPLATE, mode="serialization"
-            )
-            for name, schema in {**chunk.pop("$defs", {}), "ChatCompletionChunk": chunk}.items():
+            for name, schema in openai.components(ChatCompletionChunk).items():
                 schemas.setdefault(name, schema)
             for name in ("CompletionRequest", "ChatCompletionRequest"):
                 fields = schemas[name]["properties"]
