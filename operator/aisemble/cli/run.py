@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import io
 import logging
 import signal
 import threading
@@ -144,8 +145,10 @@ def cmd_run(args: argparse.Namespace, session: Session) -> int:
         source.admission = policy
     log.info("%s", policy.describe())
     # `kill -USR1 PID` prints every thread's stack to stderr: where a loop that does not
-    # stop (or does not progress) is waiting, without stopping it.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # stop (or does not progress) is waiting, without stopping it. (Only where stderr is a
+    # file: not when the command runs in-process with its output captured.)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
