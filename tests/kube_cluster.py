@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import re
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +40,7 @@ import jsonpatch
 import kmock
 import kubernetes
 import yaml
+from podman_helpers import Loop, eventually
 
 GROUP, VERSION, PLURAL = "aisemble.io", "v1alpha1", "aisembles"
 # The token of the user in `Cluster.kubeconfig()`: the admin, in the least-privilege tests.
@@ -369,3 +372,25 @@ class Cluster:
 
         items = json.loads(found.data).get("items") or []
         return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
+
+
+@contextlib.contextmanager
+def operators(kubeconfig: Path) -> Iterator[Callable[..., Loop]]:
+    """`start(*args)`: `aisemble run --source kube ARGS` against the cluster `kubeconfig`
+    names, returned once kopf watches; every one started is stopped (and its exit checked)
+    at the end."""
+    loops: list[Loop] = []
+
+    def start(*args: str) -> Loop:
+        loop = Loop(
+            "--source", "kube", "--resync", "300s", "-v", *args,
+            env={"KUBECONFIG": str(kubeconfig)},
+        )  # fmt: skip
+        loops.append(loop)
+        eventually(lambda: loop.logged("Starting the watch-stream for aisembles"), timeout=30)
+        assert loop.process.poll() is None, loop.log
+        return loop
+
+    yield start
+    for loop in loops:
+        assert loop.stop() == 0, loop.log

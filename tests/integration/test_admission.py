@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from git_helpers import GitRepo
-from kube_cluster import Cluster
+from kube_cluster import Cluster, operators
 from podman_helpers import TINY, Env, Loop, eventually, service, stack
 
 from aisemble.model import StackKey
@@ -55,22 +55,8 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 def operator(env: Env, cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., Loop]]:
-    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
-    loops: list[Loop] = []
-
-    def start(*args: str) -> Loop:
-        loop = Loop(
-            "--source", "kube", "--resync", "300s", "-v", *args,
-            env={"KUBECONFIG": str(kubeconfig)},
-        )  # fmt: skip
-        loops.append(loop)
-        eventually(lambda: loop.logged("Starting the watch-stream for aisembles"), timeout=30)
-        assert loop.process.poll() is None, loop.log
-        return loop
-
-    yield start
-    for loop in loops:
-        assert loop.stop() == 0, loop.log
+    with operators(cluster.kubeconfig(tmp_path / "kubeconfig")) as start:
+        yield start
 
 
 def accepted(cluster: Cluster, name: str, status: str) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kube_cluster import Cluster
+from kube_cluster import Cluster, operators
 from podman_helpers import Env, Loop, eventually, service, stack
 
 from aisemble.model import StackKey
@@ -31,22 +31,8 @@ def cluster() -> Iterator[Cluster]:
 def operator(env: Env, cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., Loop]]:
     """`operator(*args)`: `aisemble run --source kube ARGS` against the cluster, ready once
     kopf watches; stopped (and its exit checked) at the end."""
-    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
-    loops: list[Loop] = []
-
-    def start(*args: str) -> Loop:
-        loop = Loop(
-            "--source", "kube", "--resync", "300s", "-v", *args,
-            env={"KUBECONFIG": str(kubeconfig)},
-        )  # fmt: skip
-        loops.append(loop)
-        eventually(lambda: loop.logged("Starting the watch-stream for aisembles"), timeout=30)
-        assert loop.process.poll() is None, loop.log
-        return loop
-
-    yield start
-    for loop in loops:
-        assert loop.stop() == 0, loop.log
+    with operators(cluster.kubeconfig(tmp_path / "kubeconfig")) as start:
+        yield start
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
